@@ -1,0 +1,195 @@
+"""Shared machinery of the image data modules (Fashion-MNIST, CIFAR-10, CIFAR-100)."""
+
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+
+def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    """Return ``value`` if it is an ``int`` (not a ``bool``) ``>= minimum``, else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_common_args(data_dir: Any, batch_size: Any, num_workers: Any, seed: Any, download: Any) -> None:
+    """Validate the constructor arguments every data module shares."""
+    if not isinstance(data_dir, (str, Path)) or str(data_dir) == "":
+        raise ValueError(f"data_dir must be a non-empty path string, got {data_dir!r}")
+    check_positive_int("batch_size", batch_size, 1)
+    check_positive_int("num_workers", num_workers, 0)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not isinstance(download, bool):
+        raise ValueError(f"download must be True or False, got {download!r}")
+
+
+class ArrayImageDataset(Dataset):
+    """Images held in memory as uint8 (``[N, H, W]`` or ``[N, H, W, C]``) with integer labels.
+
+    Item ``i`` is ``(transform(images[i]), int(targets[i]))``.  The arrays come from the
+    torchvision data set classes (``.data`` / ``.targets``); skipping torchvision's per-item
+    PIL conversion makes the pipeline several times faster and keeps it in plain tensors.
+    """
+
+    def __init__(self, images: Any, targets: Any, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.images = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+        if self.images.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 images, got {self.images.dtype}")
+        self.targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        if len(self.images) != len(self.targets):
+            raise ValueError(f"{len(self.images)} images but {len(self.targets)} labels")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]), int(self.targets[index])
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Base class: loaders, train-eval subset, argument checks.  Subclasses provide the files.
+
+    Subclasses implement :meth:`_ensure_files` (check / download / verify what is on disk)
+    and :meth:`_load_split` (return uint8 images and labels of one split), and set
+    :attr:`num_classes`, :attr:`input_shape`, :meth:`_train_transform`, :meth:`_eval_transform`.
+    """
+
+    #: Number of classes (set by subclasses).
+    num_classes: int = 0
+    #: Shape ``(C, H, W)`` of one input image.
+    input_shape: Tuple[int, int, int] = (0, 0, 0)
+    #: Meaning of ``dataloader_idx`` in ``validation_step``: 0 = train-eval, 1 = test.
+    val_dataloader_names: Tuple[str, str] = ("train_eval", "test")
+
+    def __init__(
+        self,
+        data_dir: str,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        download: bool,
+        pin_memory: bool,
+        drop_last: bool,
+    ) -> None:
+        super().__init__()
+        check_common_args(data_dir, batch_size, num_workers, seed, download)
+        for name, value in (("pin_memory", pin_memory), ("drop_last", drop_last)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        self.data_dir = str(data_dir)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.download = download
+        self.pin_memory = pin_memory
+        self.drop_last = drop_last
+        self.train_dataset: Optional[Dataset] = None
+        self.train_eval_dataset: Optional[Dataset] = None
+        self.test_dataset: Optional[Dataset] = None
+
+    # ----------------------------------------------------------------- subclass hooks
+    def _ensure_files(self, download: bool) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _load_split(self, train: bool) -> Tuple[Any, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _train_transform(self) -> Callable[[Any], torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _eval_transform(self) -> Callable[[Any], torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- Lightning hooks
+    def prepare_data(self) -> None:
+        """Check the files on disk; download the missing ones if ``download=True``.
+
+        Raises :class:`~datamodules.DataUnavailableError` (files missing, download off or
+        failed; the message lists the exact paths to place) or
+        :class:`~datamodules.DataIntegrityError` (a present file has the wrong content).
+        """
+        self._ensure_files(download=self.download)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Load both splits into memory and build the train / train-eval / test data sets.
+
+        Never downloads (that is :meth:`prepare_data`'s job); missing or broken files raise
+        the same clear errors as :meth:`prepare_data` with ``download=False``.  Idempotent.
+        """
+        if self.train_dataset is not None:
+            return
+        self._ensure_files(download=False)
+        train_images, train_targets = self._load_split(train=True)
+        test_images, test_targets = self._load_split(train=False)
+        n_train, n_test = len(train_targets), len(test_targets)
+        if self.drop_last and n_train < self.batch_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than the training set ({n_train} images) "
+                "and drop_last=True: no training batch could be formed."
+            )
+        self.train_dataset = ArrayImageDataset(train_images, train_targets, self._train_transform())
+        train_unaugmented = ArrayImageDataset(train_images, train_targets, self._eval_transform())
+        # A fixed training-set portion of the test set's size: the first n_test training
+        # images (the files are in random order), evaluated without augmentation.
+        self.train_eval_dataset = Subset(train_unaugmented, range(min(n_test, n_train)))
+        self.test_dataset = ArrayImageDataset(test_images, test_targets, self._eval_transform())
+
+    # ----------------------------------------------------------------- loaders
+    def _require_setup(self) -> None:
+        if self.train_dataset is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: call prepare_data() and setup() before asking for a data loader "
+                "(a Lightning Trainer does this for you)."
+            )
+
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, augmented training batches ``(inputs, targets)``.
+
+        The order comes from a ``torch.Generator`` seeded with ``seed`` and created anew on
+        every call, so the sequence of epochs' permutations is reproducible and differs
+        between seeds.  The remainder batch is dropped if ``drop_last`` (DeepOBS does).
+        Random augmentation draws from torch's global generator (seed it with
+        ``pytorch_lightning.seed_everything``; worker processes are seeded by the loader).
+        """
+        self._require_setup()
+        return self._loader(self.train_dataset, shuffle=True, drop_last=self.drop_last)
+
+    def train_eval_dataloader(self) -> DataLoader:
+        """The first ``len(test set)`` training images, unaugmented, in file order."""
+        self._require_setup()
+        return self._loader(self.train_eval_dataset, shuffle=False, drop_last=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The full test set, in file order, no remainder dropped."""
+        self._require_setup()
+        return self._loader(self.test_dataset, shuffle=False, drop_last=False)
+
+    def val_dataloader(self) -> List[DataLoader]:
+        """``[train_eval_dataloader(), test_dataloader()]``: dataloader_idx 0 = train-eval, 1 = test."""
+        return [self.train_eval_dataloader(), self.test_dataloader()]
+
+
+def format_paths(paths: Sequence[Path]) -> str:
+    """One indented path per line."""
+    return "\n".join(f"  {p}" for p in paths)

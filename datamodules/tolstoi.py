@@ -1,0 +1,354 @@
+"""War and Peace, character level (SPEC §3, P4 ``tolstoi_char_rnn``), exactly as DeepOBS.
+
+Pipeline (each step a public function, so it can be tested and reused):
+
+1. :func:`preprocess_war_and_peace` - decode UTF-8 keeping ``'\\r'``, drop lines 1-29, then
+   lines 5-775 of the result, then lines 63850-64207 of that result (sed numbering) ->
+   3,266,185 characters with a known sha256.
+2. :func:`build_vocabulary` - characters by descending count, ties by first occurrence
+   (83 symbols); ids as a uint8 array, vectorised with numpy.
+3. :func:`split_train_test` - first ``ceil(0.8 N)`` characters train, the rest test.
+4. :func:`make_stream_batches` - DeepOBS' batch layout: ``num_batches =
+   floor((n - 1) / (batch_size * seq_len))``; inputs ``ids[:m]`` and targets ``ids[1:m + 1]``
+   with ``m = num_batches * batch_size * seq_len``, each reshaped to ``[batch_size, m /
+   batch_size]`` so that every row is one contiguous stream of the split, and batch ``i`` is
+   columns ``[seq_len * i, seq_len * (i + 1))``.  (The one place to split rows across
+   processes later.)
+"""
+
+import hashlib
+import os
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ._files import (
+    DOWNLOAD_ERRORS,
+    DataIntegrityError,
+    DataUnavailableError,
+    describe_exception,
+    download_file,
+    verify_file,
+)
+from ._image import check_common_args, check_positive_int
+
+#: Where DeepOBS downloads the text from (SPEC §3).
+TOLSTOI_URL = "https://github.com/AllenDowney/fluent-python-notebooks/raw/master/attic/sequences/war-and-peace.txt"
+#: The raw file: size and sha256 (SPEC §3).
+TOLSTOI_RAW_SIZE = 3_291_641
+TOLSTOI_RAW_SHA256 = "3ed0f41cfdf660846878943bad5b9d575bcae1e4a92ee9a7f43d3c9dba2af344"
+#: The preprocessed text: length in characters and sha256 of its UTF-8 bytes (SPEC §3).
+TOLSTOI_TEXT_LENGTH = 3_266_185
+TOLSTOI_TEXT_SHA256 = "48b5030ae673ac66db6e46c0915c04a8c18e0c83367a5836b2bae53154f339e4"
+TOLSTOI_VOCAB_SIZE = 83
+#: Line ranges deleted one after the other (1-based, inclusive, numbered in the current text).
+TOLSTOI_DELETED_LINES = ((1, 29), (5, 775), (63850, 64207))
+_CACHE_FORMAT = 1
+
+
+def delete_lines(text: str, first: int, last: int) -> str:
+    """``sed '<first>,<last>d'``: remove lines ``first..last`` (1-based, inclusive).
+
+    Lines end at ``'\\n'`` only (a ``'\\r'`` before it stays part of the line), as for sed.
+    """
+    if not 1 <= first <= last:
+        raise ValueError(f"need 1 <= first <= last, got {first}, {last}")
+    parts = text.split("\n")
+    lines = [p + "\n" for p in parts[:-1]]
+    if parts[-1]:
+        lines.append(parts[-1])
+    del lines[first - 1 : last]
+    return "".join(lines)
+
+
+def preprocess_war_and_peace(raw: bytes) -> str:
+    """DeepOBS' preprocessing of the raw file bytes (header, table of contents, licence removed)."""
+    text = raw.decode("utf-8")  # bytes -> str keeps '\r' (like open(..., newline=''))
+    for first, last in TOLSTOI_DELETED_LINES:
+        text = delete_lines(text, first, last)
+    return text
+
+
+def build_vocabulary(text: str) -> Tuple[str, np.ndarray]:
+    """Vocabulary and ids: characters by descending count, ties by first occurrence.
+
+    Returns ``(vocab, ids)`` where ``vocab[k]`` is the character with id ``k`` and ``ids`` is
+    a uint8 array (int32 if more than 256 symbols) with one id per character of ``text``.
+    Vectorised: ``np.unique`` over the UTF-32 code points, no per-character Python loop.
+    """
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+    symbols, first_index, inverse, counts = np.unique(codes, return_index=True, return_inverse=True, return_counts=True)
+    order = np.lexsort((first_index, -counts.astype(np.int64)))  # primary: -count, then first occurrence
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    dtype = np.uint8 if len(symbols) <= 256 else np.int32
+    ids = rank[inverse.reshape(-1)].astype(dtype)
+    vocab = "".join(chr(int(c)) for c in symbols[order])
+    return vocab, ids
+
+
+def split_train_test(ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """First ``ceil(0.8 N)`` ids for training, the rest for testing (computed in integers)."""
+    n_train = -(-4 * len(ids) // 5)
+    return ids[:n_train], ids[n_train:]
+
+
+def make_stream_batches(ids: np.ndarray, batch_size: int, seq_len: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """DeepOBS' layout: ``(inputs, targets, num_batches)``, each of shape ``[batch_size, num_batches * seq_len]``.
+
+    Row ``r`` of ``inputs`` is the contiguous stretch ``ids[r * L : (r + 1) * L]`` with
+    ``L = num_batches * seq_len``; ``targets`` is the same shifted by one character.  Batch
+    ``i`` is ``inputs[:, seq_len * i : seq_len * (i + 1)]``.  Raises ``ValueError`` if not
+    even one batch fits.
+    """
+    num_batches = (len(ids) - 1) // (batch_size * seq_len)
+    if num_batches < 1:
+        raise ValueError(
+            f"{len(ids)} characters are too few for one batch of batch_size={batch_size} x seq_len={seq_len} "
+            f"(need at least {batch_size * seq_len + 1})."
+        )
+    m = num_batches * batch_size * seq_len
+    inputs = torch.from_numpy(np.ascontiguousarray(ids[:m], dtype=np.int64)).reshape(batch_size, -1)
+    targets = torch.from_numpy(np.ascontiguousarray(ids[1 : m + 1], dtype=np.int64)).reshape(batch_size, -1)
+    return inputs, targets, num_batches
+
+
+class StreamBatchDataset(Dataset):
+    """Item ``i`` is batch ``i``: ``(inputs[:, S*i:S*(i+1)], targets[:, S*i:S*(i+1)])``, int64 ``[B, S]``.
+
+    Use it with ``DataLoader(batch_size=None)`` (no re-batching, no shuffling) so that row
+    ``r`` of batch ``i + 1`` continues row ``r`` of batch ``i`` (truncated BPTT).
+    ``num_batches`` may limit it to the first batches (the train-eval set).
+    """
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, seq_len: int, num_batches: Optional[int] = None):
+        if inputs.shape != targets.shape or inputs.ndim != 2:
+            raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must be equal 2-D shapes")
+        available = inputs.shape[1] // seq_len
+        self.inputs, self.targets, self.seq_len = inputs, targets, seq_len
+        self.num_batches = available if num_batches is None else min(num_batches, available)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if index < 0:
+            index += self.num_batches
+        if not 0 <= index < self.num_batches:
+            raise IndexError(f"batch {index} out of range ({self.num_batches} batches)")
+        cols = slice(self.seq_len * index, self.seq_len * (index + 1))
+        return self.inputs[:, cols].contiguous(), self.targets[:, cols].contiguous()
+
+
+class TolstoiDataModule(pl.LightningDataModule):
+    """War and Peace, character level, for the DeepOBS problem ``tolstoi_char_rnn`` (SPEC §3, P4).
+
+    Batches are ``(inputs, targets)``, both int64 ``[batch_size, seq_len]`` character ids
+    (``targets`` = ``inputs`` shifted by one character).  Never shuffled: row ``r`` of
+    batch ``i + 1`` continues row ``r`` of batch ``i``, so a recurrent state can be carried.
+    At 50 x 50: 1045 training batches, 261 test batches; train-eval = the first 261
+    training batches.  :meth:`val_dataloader` returns ``[train_eval, test]``.
+
+    On disk: ``<data_dir>/tolstoi/war-and-peace.txt`` (3,291,641 bytes, sha256
+    ``3ed0f41c...``; the project's ``../shared/data/war_and_peace.txt`` is that file).  If
+    missing and ``download=True`` it is fetched from :data:`TOLSTOI_URL`.  The encoded ids
+    are cached beside it as ``war-and-peace.ids-<sha prefix>.npz`` (rebuilt if unreadable).
+
+    Attributes:
+        num_classes: Vocabulary size, 83.
+        vocab: After :meth:`setup`, the string of the 83 symbols in id order.
+
+    Args:
+        data_dir: Root data folder (the text lives in ``<data_dir>/tolstoi``).
+        batch_size: Number of parallel streams (rows) per batch (DeepOBS: 50).
+        seq_len: Characters per row and batch (DeepOBS: 50).
+        num_workers: ``DataLoader`` worker processes (0 = main process).
+        seed: Unused (Tolstoi is never shuffled); accepted for a uniform interface.
+        download: Download the text in :meth:`prepare_data` if it is missing.
+        pin_memory: Passed to the data loaders.
+    """
+
+    num_classes: int = TOLSTOI_VOCAB_SIZE
+    val_dataloader_names: Tuple[str, str] = ("train_eval", "test")
+
+    def __init__(
+        self,
+        data_dir: str = "./data",
+        batch_size: int = 50,
+        seq_len: int = 50,
+        num_workers: int = 0,
+        seed: int = 42,
+        download: bool = True,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        check_common_args(data_dir, batch_size, num_workers, seed, download)
+        check_positive_int("seq_len", seq_len, 1)
+        if not isinstance(pin_memory, bool):
+            raise ValueError(f"pin_memory must be True or False, got {pin_memory!r}")
+        self.data_dir = str(data_dir)
+        self.batch_size = int(batch_size)
+        self.seq_len = int(seq_len)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.download = download
+        self.pin_memory = pin_memory
+        self.save_hyperparameters()
+        self.vocab: Optional[str] = None
+        self.train_ids: Optional[np.ndarray] = None
+        self.test_ids: Optional[np.ndarray] = None
+        self.train_dataset: Optional[StreamBatchDataset] = None
+        self.train_eval_dataset: Optional[StreamBatchDataset] = None
+        self.test_dataset: Optional[StreamBatchDataset] = None
+
+    # --------------------------------------------------------------------- files
+    @property
+    def text_path(self) -> Path:
+        """``<data_dir>/tolstoi/war-and-peace.txt``."""
+        return Path(self.data_dir) / "tolstoi" / "war-and-peace.txt"
+
+    @property
+    def cache_path(self) -> Path:
+        """The encoded-ids cache beside the text, keyed on the preprocessed text's sha256."""
+        return self.text_path.with_name(f"war-and-peace.ids-{TOLSTOI_TEXT_SHA256[:16]}-v{_CACHE_FORMAT}.npz")
+
+    def _instructions(self) -> str:
+        return (
+            f"Place the War and Peace text at {self.text_path}\n"
+            f"({TOLSTOI_RAW_SIZE:,} bytes, sha256 {TOLSTOI_RAW_SHA256}; it is the file at {TOLSTOI_URL},\n"
+            "and the project's ../shared/data/war_and_peace.txt), then run again."
+        )
+
+    def _ensure_text(self, download: bool) -> None:
+        path = self.text_path
+        if not path.is_file():
+            if not download:
+                raise DataUnavailableError(f"{path} not found (download=False).\n" + self._instructions())
+            try:
+                download_file(TOLSTOI_URL, path, "sha256", TOLSTOI_RAW_SHA256)
+            except DOWNLOAD_ERRORS as exc:
+                raise DataUnavailableError(
+                    f"Could not download War and Peace from {TOLSTOI_URL} ({describe_exception(exc)}; no network?).\n"
+                    + self._instructions()
+                ) from None
+        verify_file(path, "sha256", TOLSTOI_RAW_SHA256, expected_size=TOLSTOI_RAW_SIZE, what="War and Peace text")
+
+    def _encode_from_text(self) -> Tuple[str, np.ndarray]:
+        text = preprocess_war_and_peace(self.text_path.read_bytes())
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        if len(text) != TOLSTOI_TEXT_LENGTH or digest != TOLSTOI_TEXT_SHA256:
+            raise DataIntegrityError(
+                f"Preprocessing {self.text_path} gave {len(text):,} characters with sha256 {digest}; "
+                f"expected {TOLSTOI_TEXT_LENGTH:,} characters with sha256 {TOLSTOI_TEXT_SHA256}."
+            )
+        vocab, ids = build_vocabulary(text)
+        if len(vocab) != TOLSTOI_VOCAB_SIZE:  # cannot happen for the verified text
+            raise DataIntegrityError(f"vocabulary has {len(vocab)} symbols, expected {TOLSTOI_VOCAB_SIZE}")
+        return vocab, ids
+
+    def _load_cache(self) -> Optional[Tuple[str, np.ndarray]]:
+        try:
+            with np.load(self.cache_path, allow_pickle=False) as z:
+                ids, codes = z["ids"], z["vocab"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None  # missing or unreadable: rebuilt from the text
+        ok = (
+            ids.dtype == np.uint8
+            and ids.ndim == 1
+            and len(ids) == TOLSTOI_TEXT_LENGTH
+            and len(codes) == TOLSTOI_VOCAB_SIZE
+            and int(ids.max()) < TOLSTOI_VOCAB_SIZE
+        )
+        if not ok:
+            return None
+        return "".join(chr(int(c)) for c in codes), ids
+
+    def _save_cache(self, vocab: str, ids: np.ndarray) -> None:
+        path = self.cache_path
+        tmp: Optional[Path] = None
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+            tmp = Path(tmp_name)
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, ids=ids, vocab=np.array([ord(c) for c in vocab], dtype=np.int32))
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)  # atomic: concurrent processes never see half a cache
+        except OSError as exc:  # e.g. a read-only data folder: work without the cache
+            warnings.warn(f"could not write the Tolstoi cache {path}: {describe_exception(exc)}", stacklevel=2)
+        finally:
+            if tmp is not None and tmp.exists():
+                tmp.unlink()  # our own temporary file
+
+    def _encoded(self, download: bool) -> Tuple[str, np.ndarray]:
+        cached = self._load_cache()
+        if cached is not None:
+            return cached
+        self._ensure_text(download)
+        vocab, ids = self._encode_from_text()
+        self._save_cache(vocab, ids)
+        return vocab, ids
+
+    # ----------------------------------------------------------------- Lightning hooks
+    def prepare_data(self) -> None:
+        """Make sure the text is there (download if allowed), verified, and the id cache built."""
+        self._ensure_text(self.download)
+        if self._load_cache() is None:
+            self._save_cache(*self._encode_from_text())
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Load the ids (from the cache, else from the text), split them and lay out the batches."""
+        if self.train_dataset is not None:
+            return
+        vocab, ids = self._encoded(download=False)
+        self.vocab = vocab
+        self.train_ids, self.test_ids = split_train_test(ids)
+        train_x, train_y, _ = make_stream_batches(self.train_ids, self.batch_size, self.seq_len)
+        test_x, test_y, num_test = make_stream_batches(self.test_ids, self.batch_size, self.seq_len)
+        self.train_dataset = StreamBatchDataset(train_x, train_y, self.seq_len)
+        self.train_eval_dataset = StreamBatchDataset(train_x, train_y, self.seq_len, num_batches=num_test)
+        self.test_dataset = StreamBatchDataset(test_x, test_y, self.seq_len)
+
+    def decode(self, ids: "torch.Tensor | np.ndarray | List[int]") -> str:
+        """Characters of a 1-D sequence of ids (after :meth:`setup`)."""
+        if self.vocab is None:
+            raise RuntimeError("call setup() first")
+        return "".join(self.vocab[int(i)] for i in np.asarray(ids).reshape(-1))
+
+    # --------------------------------------------------------------------- loaders
+    def _loader(self, dataset: Optional[StreamBatchDataset]) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(
+                "TolstoiDataModule: call prepare_data() and setup() before asking for a data loader "
+                "(a Lightning Trainer does this for you)."
+            )
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """All training batches in stream order (never shuffled)."""
+        return self._loader(self.train_dataset)
+
+    def train_eval_dataloader(self) -> DataLoader:
+        """The first ``len(test_dataloader())`` training batches (261 at 50 x 50), in order."""
+        return self._loader(self.train_eval_dataset)
+
+    def test_dataloader(self) -> DataLoader:
+        """All test batches in stream order."""
+        return self._loader(self.test_dataset)
+
+    def val_dataloader(self) -> List[DataLoader]:
+        """``[train_eval_dataloader(), test_dataloader()]``: dataloader_idx 0 = train-eval, 1 = test."""
+        return [self.train_eval_dataloader(), self.test_dataloader()]

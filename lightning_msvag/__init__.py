@@ -1,0 +1,26 @@
+"""lightning-msvag: the optimizers of "Dissecting Adam" (Balles & Hennig, ICML 2018).
+
+M-SGD, M-SSD, M-SVAG and SVAG as ``torch.optim.Optimizer`` subclasses, a name registry,
+and (in submodules) PyTorch Lightning callbacks and a CLI. See ../SPEC.md §1 for formulas.
+"""
+
+from .functional import UpdateRule, bias_correction, variance_adaptation_factor, variance_ratio
+from .optimizers import MSGD, MSSD, MSVAG, SVAG, DissectedOptimizer
+from .registry import available_optimizers, build_optimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MSGD",
+    "MSSD",
+    "MSVAG",
+    "SVAG",
+    "DissectedOptimizer",
+    "UpdateRule",
+    "available_optimizers",
+    "bias_correction",
+    "build_optimizer",
+    "variance_adaptation_factor",
+    "variance_ratio",
+    "__version__",
+]

@@ -1,0 +1,282 @@
+"""The paper's optimizers as ``torch.optim.Optimizer`` subclasses (SPEC §1).
+
+All four share :class:`DissectedOptimizer`; each subclass only fixes the two switches of
+:class:`~lightning_msvag.functional.UpdateRule` (sign, variance adaptation) and SVAG's
+direction. Adam is ``torch.optim.Adam`` (see :mod:`lightning_msvag.registry`).
+
+State per parameter (names as in ``torch.optim.Adam`` so tools that read Adam's state read
+ours): ``step`` (a float32 CPU scalar tensor, 1-based count of steps taken), ``exp_avg``
+(m~, the un-corrected moving average of g) and, with variance adaptation, ``exp_avg_sq``
+(v~, the moving average of g²). Buffers have the parameter's dtype and device.
+
+Non-finite gradients: like ``torch.optim``, the optimizers do not inspect gradients by
+default (a check costs one more pass over them and, on CUDA, a device synchronisation).
+A NaN or ±inf gradient entry enters m~ (and v~) and stays there; the parameter at that
+coordinate becomes NaN on that step for M-SGD, M-SVAG and SVAG. M-SSD's parameters stay
+finite (``torch.sign`` maps NaN to 0 and ±inf to ±1), so its broken moving average shows
+nowhere else: the coordinate stops moving (NaN) or keeps moving by α (inf). Two ways to notice:
+``error_if_nonfinite=True`` checks all gradients before touching any state and raises a
+``RuntimeError`` (state and parameters unchanged), and :meth:`DissectedOptimizer.nonfinite_state`
+lists the parameters whose buffers hold non-finite values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .functional import (
+    CPU_TILE_NUMEL,
+    UpdateRule,
+    dissected_adam,
+    variance_adaptation_factor,
+)
+
+__all__ = ["DissectedOptimizer", "MSGD", "MSSD", "MSVAG", "SVAG"]
+
+
+def _default_foreach(params: List[Tensor]) -> bool:
+    """The faster path for these tensors: multi-tensor everywhere torch supports it.
+
+    On CUDA foreach ops launch one kernel per list instead of one per tensor; on CPU the
+    multi-tensor path packs many small tensors into one tile, which saves Python overhead
+    (see benchmarks/optimizer_step.py for the measured figures).
+    """
+    return not torch.jit.is_scripting() and all(
+        p.device.type in ("cpu", "cuda") and not p.is_sparse for p in params
+    )
+
+
+class DissectedOptimizer(Optimizer):
+    """Base class: one moment estimator, an optional sign, an optional variance adaptation.
+
+    Subclasses set :attr:`rule`. Args common to all:
+
+    Args:
+        params: iterable of parameters or of param-group dicts.
+        lr: step size α ≥ 0.
+        beta: the one moving-average constant β ∈ [0, 1) used for m~ and v~ (paper: 0.9).
+        maximize: ascend instead of descend (the gradient is negated).
+        foreach: ``True`` multi-tensor path, ``False`` single-tensor path, ``None`` the
+            faster one for the parameters' device. Both compute the same numbers.
+        fused: ``True`` sends CPU tensors of at least 32768 elements through one
+            ``torch.compile``-generated loop per tensor (all of the update in one pass,
+            like torch's fused Adam); the rest, and all non-CPU tensors, take the
+            multi-tensor path. The first step pays the compile (~30 s per optimizer class
+            on 2 cores, once per process). Falls back with a warning if compiling fails.
+        error_if_nonfinite: check the gradients before each step and raise
+            ``RuntimeError`` on NaN/inf, leaving parameters and state untouched.
+    """
+
+    rule: UpdateRule = UpdateRule()
+    #: CPU tile size of the functional core (an implementation detail, not a hyperparameter:
+    #: it changes speed, not results). ``None`` processes whole tensors.
+    _tile_numel: Optional[int] = CPU_TILE_NUMEL
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        beta: float = 0.9,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        error_if_nonfinite: bool = False,
+    ) -> None:
+        _check_hyperparameters(type(self).__name__, lr, beta)
+        if fused and foreach:
+            raise ValueError(f"{type(self).__name__}: fused and foreach cannot both be True")
+        defaults = dict(
+            lr=lr,
+            beta=beta,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            error_if_nonfinite=error_if_nonfinite,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyperparameters(type(self).__name__, group["lr"], group["beta"])
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+            group.setdefault("error_if_nonfinite", False)
+
+    def _init_group(self, group: dict):
+        params, grads, exp_avgs, exp_avg_sqs, step_tensors = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if self.rule.needs_second_moment:
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state.get("exp_avg_sq"))
+            step_tensors.append(state["step"])
+        return params, grads, exp_avgs, exp_avg_sqs, step_tensors
+
+    def _check_finite(self, gradients: List[Tuple[int, int, Tensor]]) -> None:
+        if not gradients:
+            return
+        finite = torch.stack([torch.isfinite(g).all().cpu() for _, _, g in gradients])
+        if bool(finite.all()):
+            return
+        bad = [(gi, pi) for (gi, pi, _), ok in zip(gradients, finite.tolist()) if not ok]
+        raise RuntimeError(
+            f"{type(self).__name__}: non-finite gradient in (param group, index) {bad}; "
+            "the step was not taken, parameters and optimizer state are unchanged"
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        """Perform one step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # error_if_nonfinite: look at every gradient before any state changes
+        self._check_finite(
+            [
+                (gi, pi, p.grad)
+                for gi, group in enumerate(self.param_groups)
+                if group["error_if_nonfinite"]
+                for pi, p in enumerate(group["params"])
+                if p.grad is not None
+            ]
+        )
+
+        groups = [(group, self._init_group(group)) for group in self.param_groups]
+
+        for group, (params, grads, exp_avgs, exp_avg_sqs, step_tensors) in groups:
+            if not params:
+                continue
+            for step_t in step_tensors:
+                step_t += 1
+            foreach = group["foreach"]
+            if foreach is None:
+                foreach = _default_foreach(params)
+            dissected_adam(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                [int(s.item()) for s in step_tensors],
+                rule=self.rule,
+                lr=group["lr"],
+                beta=group["beta"],
+                maximize=group["maximize"],
+                foreach=foreach,
+                fused=bool(group["fused"]),
+                tile_numel=self._tile_numel,
+            )
+        return loss
+
+    @torch.no_grad()
+    def nonfinite_state(self) -> List[Tuple[int, int]]:
+        """(param group, index in group) of every parameter whose state holds NaN or inf."""
+        found = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                state = self.state.get(p)
+                if not state:
+                    continue
+                buffers = [state["exp_avg"]] + ([state["exp_avg_sq"]] if "exp_avg_sq" in state else [])
+                if not all(bool(torch.isfinite(b).all()) for b in buffers):
+                    found.append((gi, pi))
+        return found
+
+
+class _VarianceAdapted(DissectedOptimizer):
+    """Adds :meth:`variance_adaptation_factors` to the variance-adapted members."""
+
+    @torch.no_grad()
+    def variance_adaptation_factors(self) -> List[Tensor]:
+        """γ of the latest step, for every parameter with state, in ``param_groups`` order.
+
+        Computed from the state (m~, v~, step) on each call, so nothing is stored twice;
+        each tensor has the parameter's shape and device, values in [0, 1] (float32 for
+        16-bit parameters). Read-only: the optimizer is not changed.
+        """
+        factors = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or int(state["step"].item()) == 0:
+                    continue
+                factors.append(
+                    variance_adaptation_factor(
+                        state["exp_avg"],
+                        state["exp_avg_sq"],
+                        beta=group["beta"],
+                        step=int(state["step"].item()),
+                        direction=self.rule.direction,
+                    )
+                )
+        return factors
+
+
+class MSGD(DissectedOptimizer):
+    """M-SGD: momentum SGD with bias-corrected moving average, θ ← θ − α m (SPEC §1).
+
+    ``MSGD(params, lr, beta=0.9)``. Note the (1−β) weighting and the bias correction:
+    α here corresponds to α/(1−β) of ``torch.optim.SGD(momentum=β)`` in the long run.
+    """
+
+    rule = UpdateRule(direction="momentum", sign=False, variance_adaptation=False)
+
+
+class MSSD(DissectedOptimizer):
+    """M-SSD: stochastic sign descent on the momentum, θ ← θ − α sign(m~) (SPEC §1).
+
+    sign(0) = 0: a coordinate whose moving average is exactly zero does not move.
+    """
+
+    rule = UpdateRule(direction="momentum", sign=True, variance_adaptation=False)
+
+
+class MSVAG(_VarianceAdapted):
+    """M-SVAG: variance-adapted momentum SGD, θ ← θ − α γ ⊙ m with γ = m²/(m² + ρ s).
+
+    Paper Alg. 2 / SPEC §1. The first step (k = 1) is an SGD step α g; γ ∈ [0, 1], and
+    γ = 0 (no update) where m = v = 0. Two buffers per parameter.
+    """
+
+    rule = UpdateRule(direction="momentum", sign=False, variance_adaptation=True)
+
+
+class SVAG(_VarianceAdapted):
+    """SVAG: variance adaptation on the raw gradient, θ ← θ − α γ ⊙ g, γ = m²/(m² + s).
+
+    SPEC §1. Two buffers per parameter.
+    """
+
+    rule = UpdateRule(direction="gradient", sign=False, variance_adaptation=True)
+
+
+def _check_hyperparameters(name: str, lr, beta) -> None:
+    if isinstance(lr, Tensor) or isinstance(beta, Tensor):
+        raise ValueError(f"{name}: lr and beta must be Python numbers, not tensors")
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"{name}: invalid learning rate {lr!r} (need a finite number >= 0)")
+    if not isinstance(beta, (int, float)) or not (0.0 <= beta < 1.0):
+        raise ValueError(f"{name}: invalid beta {beta!r} (need 0 <= beta < 1)")
