@@ -1,26 +1,54 @@
-"""The ``lightning-msvag`` command."""
+"""The ``lightning-msvag`` command: a LightningCLI for the paper's four test problems.
+
+    lightning-msvag fit --config configs/tolstoi_char_rnn.yaml --optimizer MSVAG --optimizer.lr 1.0
+    lightning-msvag fit --config configs/cifar10_3c3d.yaml --config configs/optimizers/adam.yaml
+    lightning-msvag validate|test|predict --config ... --ckpt_path ...
+    lightning-msvag reproduce <experiment> --out DIR [options]   (see lightning_msvag.experiments)
+    lightning-msvag --list-optimizers
+
+``--model`` and ``--data`` take any LightningModule / LightningDataModule (the configs use
+``models.*`` and ``datamodules.*``). ``--optimizer`` takes this project's optimizers by class
+name (``MSGD``, ``MSSD``, ``MSVAG``, ``SVAG``) as well as torch's (``Adam``, ``SGD``, ...), and
+``--lr_scheduler`` any ``torch.optim.lr_scheduler`` class.
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import List, Optional
 
 from . import __version__, available_optimizers
+from . import optimizers as _optimizers  # noqa: F401  (imported so class names resolve)
+
+
+def _run_lightning_cli(argv: List[str]) -> None:
+    from pytorch_lightning import LightningDataModule, LightningModule
+    from pytorch_lightning.cli import LightningCLI
+
+    LightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=True,
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lightning-msvag",
-        description="The 'Dissecting Adam' optimizer family for PyTorch Lightning.",
-    )
-    parser.add_argument("--version", action="version", version=f"lightning-msvag {__version__}")
-    parser.add_argument("--list-optimizers", action="store_true", help="print the registry's names")
-    args = parser.parse_args(argv)
-    if args.list_optimizers:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        print(f"lightning-msvag {__version__}")
+        return 0
+    if argv[:1] == ["--list-optimizers"]:
         print("\n".join(available_optimizers()))
-    else:
-        parser.print_help()
+        return 0
+    if argv[:1] == ["reproduce"]:
+        from .experiments import main as reproduce
+
+        return reproduce(argv[1:])
+    _run_lightning_cli(argv)
     return 0
 
 

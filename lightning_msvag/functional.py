@@ -25,15 +25,19 @@ step then moves the minimum of 7 floats per parameter (read g, θ, m~, v~; write
 the same as torch's fused Adam, instead of one memory pass per operation. On CUDA the
 tensors are processed whole (kernel launches, not memory passes, are the cost there).
 
-A third, opt-in path (``fused=True``, CPU only) runs each large tensor through one
+A third path, *fused* (the default on CPU wherever torch.compile and a C++ compiler are
+available), runs each large tensor (>= :data:`FUSED_MIN_NUMEL` elements) through one
 ``torch.compile``-generated C++ loop that does the whole update per element, as torch's
-fused Adam does. Its compile cost (about half a minute per rule on 2 cores, once per
-process; inductor's on-disk cache shortens later processes) is paid at the first step.
+fused Adam does; smaller tensors take the multi-tensor path. Its compile cost is paid at
+the first step that reaches it, once per process and (rule, float64-or-not): 10-35 s on 2
+cores with a cold cache, 1-3 s when inductor's on-disk cache (``/tmp/torchinductor_$USER``)
+already holds the kernel.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence
@@ -54,9 +58,10 @@ __all__ = [
 #: Cap on ρ from the authors' reference code: at k = 1, ρ = 1 and 1/(1−ρ) would be infinite.
 RHO_CAP = 0.9999
 
-#: Elements per tile on CPU. 2**17 float32 values are 512 KiB per buffer: the six live
-#: buffers of an M-SVAG tile (θ, g, m~, v~ and two temporaries) stay in L2/L3 cache.
-CPU_TILE_NUMEL = 2**17
+#: Elements per tile on CPU. 2**20 float32 values are 4 MiB per buffer: the six live
+#: buffers of an M-SVAG tile (θ, g, m~, v~ and two temporaries) stay in a 32 MiB L3 cache.
+#: Smaller tiles measured slower (more, shorter parallel regions); see benchmarks/.
+CPU_TILE_NUMEL = 2**20
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -152,14 +157,18 @@ def _scaled_gamma_foreach(
     exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], kappa: float, upper: float
 ) -> List[Tensor]:
     """Multi-tensor twin of :func:`_scaled_gamma` (all tensors share one dtype)."""
-    if exp_avgs[0].dtype in _LOW_PRECISION:
+    low_precision = exp_avgs[0].dtype in _LOW_PRECISION
+    if low_precision:
         exp_avgs = [t.float() for t in exp_avgs]
         exp_avg_sqs = [t.float() for t in exp_avg_sqs]
     numerators = torch._foreach_mul(exp_avgs, exp_avgs)
     denominators = torch._foreach_add(exp_avg_sqs, numerators, alpha=kappa)
     torch._foreach_add_(denominators, torch.finfo(denominators[0].dtype).tiny)
     torch._foreach_div_(numerators, denominators)
-    torch._foreach_clamp_min_(numerators, 0.0)
+    if low_precision:
+        # γ ≥ 0 needs v~·bc ≥ m~² up to round-off: for k ≥ 2 the denominator exceeds
+        # m~²/(r·bc) > 0, far above float32 round-off, but 16-bit state can undercut it
+        torch._foreach_clamp_min_(numerators, 0.0)
     torch._foreach_clamp_max_(numerators, upper)
     return numerators
 
@@ -309,9 +318,10 @@ def _multi_tensor_update(
 
 
 #: Tensors with fewer elements than this take the multi-tensor path even when fused: a
-#: compiled call costs tens of microseconds of Python-side guards, more than they need.
-#: (At least 2: torch.compile specialises sizes 0 and 1, which would mean a second graph.)
-FUSED_MIN_NUMEL = 2**15
+#: compiled call costs ~150 µs of Python-side guards and wrappers (measured on 2 cores),
+#: which the one-pass kernel only earns back on ~10^5 elements. (At least 2: torch.compile
+#: specialises sizes 0 and 1, which would mean a second graph.)
+FUSED_MIN_NUMEL = 2**17
 
 _fused_kernels: dict = {}
 _fused_broken: Optional[str] = None
@@ -353,20 +363,25 @@ def _flat_alias(tensor: Tensor) -> Tensor:
     )
 
 
-def _fused_update(tensors, rule: UpdateRule, lr: float, beta: float, step: int, maximize: bool) -> bool:
+def fused_path_available() -> bool:
+    """Whether the compiled kernel can run here: torch.compile works and a C++ compiler exists."""
+    if _fused_broken is not None:
+        return False
+    try:
+        import torch._dynamo
+
+        if not torch._dynamo.is_dynamo_supported():
+            return False
+    except Exception:
+        return False
+    return any(shutil.which(cxx) for cxx in ("c++", "g++", "clang++", "cl"))
+
+
+def _fused_update(kernel, tensors, scalars: Tensor) -> bool:
     """Run the compiled kernel on one (param, grad, m~, v~); False if it is unavailable."""
     global _fused_broken
     if _fused_broken is not None:
         return False
-    kernel = _fused_kernels.get(rule)
-    if kernel is None:
-        kernel = _fused_kernels[rule] = _make_fused_kernel(rule)
-    param = tensors[0]
-    kappa, upper = _gamma_coefficients(rule, beta, step) if rule.variance_adaptation else (0.0, 1.0)
-    scalars = torch.tensor(
-        [-1.0 if maximize else 1.0, 1.0 - beta, beta, kappa, upper, -_update_scale(rule, lr, beta, step)],
-        dtype=torch.float64 if param.dtype == torch.float64 else torch.float32,
-    )
     try:
         kernel(*(None if t is None else _flat_alias(t) for t in tensors), scalars)
     except Exception as error:  # no C++ compiler, unsupported platform, ...
@@ -381,14 +396,28 @@ def _fused_update(tensors, rule: UpdateRule, lr: float, beta: float, step: int, 
 
 def _fused_cpu_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, beta, maximize, tile_numel):
     """Large CPU tensors through the compiled kernel, everything else multi-tensor."""
+    kernel = _fused_kernels.get(rule)
+    if kernel is None:
+        kernel = _fused_kernels[rule] = _make_fused_kernel(rule)
+    scalars_for: dict = {}  # one scalar tensor per (step, dtype), not per parameter
     rest = []
     for i, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        step = steps[i]
         eligible = (
             tensors[0].numel() >= FUSED_MIN_NUMEL
             and all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in tensors)
-            and not (rule.variance_adaptation and steps[i] == 1)  # k = 1: γ = 1 exactly
+            and not (rule.variance_adaptation and step == 1)  # k = 1: γ = 1 exactly
         )
-        if not (eligible and _fused_update(tensors, rule, lr, beta, steps[i], maximize)):
+        if eligible:
+            key = (step, tensors[0].dtype == torch.float64)
+            if key not in scalars_for:
+                kappa, upper = _gamma_coefficients(rule, beta, step) if rule.variance_adaptation else (0.0, 1.0)
+                scalars_for[key] = torch.tensor(
+                    [-1.0 if maximize else 1.0, 1.0 - beta, beta, kappa, upper, -_update_scale(rule, lr, beta, step)],
+                    dtype=torch.float64 if key[1] else torch.float32,
+                )
+            eligible = _fused_update(kernel, tensors, scalars_for[key])
+        if not eligible:
             rest.append(i)
     if rest:
         _multi_tensor_update(

@@ -33,22 +33,29 @@ from .functional import (
     CPU_TILE_NUMEL,
     UpdateRule,
     dissected_adam,
+    fused_path_available,
     variance_adaptation_factor,
 )
 
 __all__ = ["DissectedOptimizer", "MSGD", "MSSD", "MSVAG", "SVAG"]
 
 
-def _default_foreach(params: List[Tensor]) -> bool:
-    """The faster path for these tensors: multi-tensor everywhere torch supports it.
+def _default_paths(params: List[Tensor], foreach: Optional[bool], fused: Optional[bool]):
+    """Resolve ``foreach=None`` / ``fused=None`` to the fastest path for these tensors.
 
-    On CUDA foreach ops launch one kernel per list instead of one per tensor; on CPU the
-    multi-tensor path packs many small tensors into one tile, which saves Python overhead
-    (see benchmarks/optimizer_step.py for the measured figures).
+    CPU: fused (the compiled one-pass kernel for large tensors, multi-tensor for the rest)
+    when torch.compile can run here, else multi-tensor. CUDA: multi-tensor (one kernel
+    launch per list instead of per tensor). Measured in benchmarks/optimizer_step.py.
     """
-    return not torch.jit.is_scripting() and all(
-        p.device.type in ("cpu", "cuda") and not p.is_sparse for p in params
-    )
+    if fused is None:
+        fused = (
+            foreach is None
+            and all(p.device.type == "cpu" for p in params)
+            and fused_path_available()
+        )
+    if foreach is None:
+        foreach = not torch.jit.is_scripting()
+    return bool(foreach), bool(fused)
 
 
 class DissectedOptimizer(Optimizer):
@@ -62,12 +69,16 @@ class DissectedOptimizer(Optimizer):
         beta: the one moving-average constant β ∈ [0, 1) used for m~ and v~ (paper: 0.9).
         maximize: ascend instead of descend (the gradient is negated).
         foreach: ``True`` multi-tensor path, ``False`` single-tensor path, ``None`` the
-            faster one for the parameters' device. Both compute the same numbers.
-        fused: ``True`` sends CPU tensors of at least 32768 elements through one
-            ``torch.compile``-generated loop per tensor (all of the update in one pass,
-            like torch's fused Adam); the rest, and all non-CPU tensors, take the
-            multi-tensor path. The first step pays the compile (~30 s per optimizer class
-            on 2 cores, once per process). Falls back with a warning if compiling fails.
+            faster one for the parameters' device. All paths compute the same numbers
+            (to float round-off).
+        fused: the compiled one-pass path on CPU: tensors of at least
+            ``FUSED_MIN_NUMEL`` (2**17) elements go through one ``torch.compile``-generated
+            loop each (the whole update in one pass, like torch's fused Adam); smaller and
+            non-CPU tensors take the multi-tensor path. ``None`` (default) uses it on CPU
+            when torch.compile and a C++ compiler are available and ``foreach`` is not
+            set; ``False`` never. The compile is paid once per process at the first step
+            (10-35 s on 2 cores with a cold cache, 1-3 s with inductor's on-disk cache).
+            If compiling fails, a warning is raised and the multi-tensor path is used.
         error_if_nonfinite: check the gradients before each step and raise
             ``RuntimeError`` on NaN/inf, leaving parameters and state untouched.
     """
@@ -172,9 +183,7 @@ class DissectedOptimizer(Optimizer):
                 continue
             for step_t in step_tensors:
                 step_t += 1
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = _default_foreach(params)
+            foreach, fused = _default_paths(params, group["foreach"], group["fused"])
             dissected_adam(
                 params,
                 grads,
@@ -186,7 +195,7 @@ class DissectedOptimizer(Optimizer):
                 beta=group["beta"],
                 maximize=group["maximize"],
                 foreach=foreach,
-                fused=bool(group["fused"]),
+                fused=fused,
                 tile_numel=self._tile_numel,
             )
         return loss
