@@ -40,8 +40,8 @@ def wrn_40_4_shapes(num_classes: int = 100):
 
 
 def large_shapes():
-    """100M parameters: 24 matrices of 2048×2048 and 4 of 1024×1024 plus biases."""
-    shapes = [(2048, 2048)] * 24 + [(1024, 1024)] * 4 + [(2048,)] * 24
+    """100M parameters: 22 matrices of 2048×2048, 7 of 1024×1024, biases, and one vector."""
+    shapes = [(2048, 2048)] * 22 + [(1024, 1024)] * 7 + [(2048,)] * 22
     missing = 100_000_000 - sum(torch.Size(s).numel() for s in shapes)
     return shapes + [(missing,)]
 

@@ -21,16 +21,19 @@ from . import __version__, available_optimizers
 from . import optimizers as _optimizers  # noqa: F401  (imported so class names resolve)
 
 
-def _run_lightning_cli(argv: List[str]) -> None:
+def build_cli(argv: List[str], run: bool = True):
+    """The project's LightningCLI on ``argv``; ``run=False`` builds model, data and trainer
+    from ``argv`` (no subcommand then) without running anything, for scripting and tests."""
     from pytorch_lightning import LightningDataModule, LightningModule
     from pytorch_lightning.cli import LightningCLI
 
-    LightningCLI(
+    return LightningCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=argv,
+        run=run,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=True,
     )
@@ -48,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .experiments import main as reproduce
 
         return reproduce(argv[1:])
-    _run_lightning_cli(argv)
+    build_cli(argv)
     return 0
 
 
