@@ -28,7 +28,7 @@ tensors are processed whole (kernel launches, not memory passes, are the cost th
 A third path, *fused* (the default on CPU wherever torch.compile and a C++ compiler are
 available), runs each large tensor (>= :data:`FUSED_MIN_NUMEL` elements) through one
 ``torch.compile``-generated C++ loop that does the whole update per element, as torch's
-fused Adam does; smaller tensors take the multi-tensor path. Its compile cost is paid at
+fused Adam does; smaller tensors are gathered into flat buffers and updated by one call. Its compile cost is paid at
 the first step that reaches it, once per process and (rule, float64-or-not): 10-35 s on 2
 cores with a cold cache, 1-3 s when inductor's on-disk cache (``/tmp/torchinductor_$USER``)
 already holds the kernel.
@@ -395,30 +395,54 @@ def _fused_update(kernel, tensors, scalars: Tensor) -> bool:
 
 
 def _fused_cpu_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, beta, maximize, tile_numel):
-    """Large CPU tensors through the compiled kernel, everything else multi-tensor."""
+    """CPU tensors through the compiled kernel.
+
+    Large tensors get a call each. Small ones (below :data:`FUSED_MIN_NUMEL`) would pay
+    more in per-call overhead than in arithmetic, so each (dtype, step) bucket of them is
+    gathered into flat buffers (``torch.cat``), updated by one call, and scattered back
+    (``torch._foreach_copy_``). What cannot go through the kernel (non-contiguous
+    tensors, the exact k = 1 step of variance adaptation, a failed compile) takes the
+    multi-tensor path.
+    """
     kernel = _fused_kernels.get(rule)
     if kernel is None:
         kernel = _fused_kernels[rule] = _make_fused_kernel(rule)
     scalars_for: dict = {}  # one scalar tensor per (step, dtype), not per parameter
-    rest = []
+
+    def scalars(step: int, dtype: torch.dtype) -> Tensor:
+        key = (step, dtype == torch.float64)
+        if key not in scalars_for:
+            kappa, upper = _gamma_coefficients(rule, beta, step) if rule.variance_adaptation else (0.0, 1.0)
+            scalars_for[key] = torch.tensor(
+                [-1.0 if maximize else 1.0, 1.0 - beta, beta, kappa, upper, -_update_scale(rule, lr, beta, step)],
+                dtype=torch.float64 if key[1] else torch.float32,
+            )
+        return scalars_for[key]
+
+    rest, small_buckets = [], {}
     for i, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         step = steps[i]
-        eligible = (
-            tensors[0].numel() >= FUSED_MIN_NUMEL
-            and all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in tensors)
-            and not (rule.variance_adaptation and step == 1)  # k = 1: γ = 1 exactly
-        )
-        if eligible:
-            key = (step, tensors[0].dtype == torch.float64)
-            if key not in scalars_for:
-                kappa, upper = _gamma_coefficients(rule, beta, step) if rule.variance_adaptation else (0.0, 1.0)
-                scalars_for[key] = torch.tensor(
-                    [-1.0 if maximize else 1.0, 1.0 - beta, beta, kappa, upper, -_update_scale(rule, lr, beta, step)],
-                    dtype=torch.float64 if key[1] else torch.float32,
-                )
-            eligible = _fused_update(kernel, tensors, scalars_for[key])
-        if not eligible:
+        if (rule.variance_adaptation and step == 1) or not all(  # k = 1: γ = 1 exactly
+            t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in tensors
+        ):
             rest.append(i)
+        elif tensors[0].numel() < FUSED_MIN_NUMEL:
+            small_buckets.setdefault((step, tensors[0].dtype), []).append(i)
+        elif not _fused_update(kernel, tensors, scalars(step, tensors[0].dtype)):
+            rest.append(i)
+    for (step, dtype), indices in small_buckets.items():
+        lists = [[lst[i] for i in indices] for lst in (params, grads, exp_avgs, exp_avg_sqs)]
+        if sum(p.numel() for p in lists[0]) < 2:  # a size-1 flat would need its own graph
+            rest.extend(indices)
+            continue
+        flats = [None if lst[0] is None else torch.cat([t.view(-1) for t in lst]) for lst in lists]
+        if not _fused_update(kernel, flats, scalars(step, dtype)):
+            rest.extend(indices)
+            continue
+        sizes = [p.numel() for p in lists[0]]
+        for lst, flat in zip(lists, flats):  # θ, m~, v~ back into place (not g)
+            if flat is not None and lst is not lists[1]:
+                torch._foreach_copy_([t.view(-1) for t in lst], list(flat.split(sizes)))
     if rest:
         _multi_tensor_update(
             *([lst[i] for i in rest] for lst in (params, grads, exp_avgs, exp_avg_sqs, steps)),

@@ -57,14 +57,22 @@ def _make_params(rng, dtype):
 @pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-10, 1e-12), (torch.float32, 1e-5, 1e-5)])
 @pytest.mark.parametrize(
     "foreach,fused,tile",
-    [(False, False, None), (True, False, None), (False, False, 50), (True, False, 50), (False, True, 50)],
-    ids=["single", "multi", "single-tiled", "multi-tiled", "fused"],
+    [(False, False, None), (True, False, None), (False, False, 50), (True, False, 50),
+     (False, "each", 50), (False, "gathered", 50)],
+    ids=["single", "multi", "single-tiled", "multi-tiled", "fused-each", "fused-gathered"],
 )
 @pytest.mark.parametrize("method", list(CLASSES))
 def test_matches_numpy_transcription_of_spec(method, foreach, fused, tile, dtype, rtol, atol, monkeypatch):
-    """≥ 1000 steps of every path (whole tensors, small CPU tiles, compiled) against NumPy."""
-    if fused:  # send every tensor through the compiled kernel, not only large ones
+    """≥ 1000 steps of every path (whole tensors, small CPU tiles, compiled) against NumPy.
+
+    fused-each: one compiled call per tensor; fused-gathered: the small tensors of a step
+    are concatenated into flat buffers for one call and scattered back.
+    """
+    if fused == "each":  # every tensor counts as large
         monkeypatch.setattr(lm.functional, "FUSED_MIN_NUMEL", 2)
+    elif fused == "gathered":  # every tensor counts as small
+        monkeypatch.setattr(lm.functional, "FUSED_MIN_NUMEL", 10**9)
+    fused = bool(fused)
     rng = np.random.default_rng(1234)
     torch_params = _make_params(rng, dtype)
     opt = CLASSES[method](
