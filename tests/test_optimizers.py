@@ -463,3 +463,23 @@ def test_registry_names_and_errors():
     assert lm.build_optimizer("m-svag", p, lr=0.2, beta=0.5).defaults["beta"] == 0.5
     with pytest.raises(ValueError, match="m-sgd, m-ssd, m-svag, svag, adam, sgd"):
         lm.build_optimizer("rmsprop", p)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on CI)")
+@pytest.mark.parametrize("method", list(CLASSES))
+@pytest.mark.parametrize("foreach", [False, True])
+def test_cuda_matches_cpu(method, foreach):
+    torch.manual_seed(0)
+    shapes = [(300, 7), (5,), (CPU_TILE_NUMEL + 3,)]
+    cpu = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    opt_cpu = CLASSES[method](cpu, lr=0.01)
+    opt_gpu = CLASSES[method](gpu, lr=0.01, foreach=foreach)
+    for _ in range(20):
+        for p, q in zip(cpu, gpu):
+            p.grad = torch.randn(p.shape, dtype=torch.float64) + 0.3
+            q.grad = p.grad.cuda()
+        opt_cpu.step()
+        opt_gpu.step()
+    for p, q in zip(cpu, gpu):
+        torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-10, atol=1e-12)
