@@ -21,9 +21,10 @@ from . import __version__, available_optimizers
 from . import optimizers as _optimizers  # noqa: F401  (imported so class names resolve)
 
 
-def build_cli(argv: List[str], run: bool = True):
-    """The project's LightningCLI on ``argv``; ``run=False`` builds model, data and trainer
-    from ``argv`` (no subcommand then) without running anything, for scripting and tests."""
+def build_cli(argv: Optional[List[str]] = None, run: bool = True):
+    """The project's LightningCLI on ``argv`` (``None``: the command line); ``run=False``
+    builds model, data and trainer from ``argv`` (no subcommand then) without running
+    anything, for scripting and tests."""
     from pytorch_lightning import LightningDataModule, LightningModule
     from pytorch_lightning.cli import LightningCLI
 
@@ -40,6 +41,7 @@ def build_cli(argv: List[str], run: bool = True):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--version"]:
         print(f"lightning-msvag {__version__}")
@@ -51,7 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .experiments import main as reproduce
 
         return reproduce(argv[1:])
-    build_cli(argv)
+    # from the shell, let LightningCLI read sys.argv itself (passing it too makes it warn)
+    build_cli(None if from_command_line else argv)
     return 0
 
 
