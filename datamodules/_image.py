@@ -6,7 +6,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 
 def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -28,6 +28,93 @@ def check_common_args(data_dir: Any, batch_size: Any, num_workers: Any, seed: An
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if not isinstance(download, bool):
         raise ValueError(f"download must be True or False, got {download!r}")
+
+
+def distributed_shard(trainer: Any) -> Tuple[int, int]:
+    """``(global rank, world size)`` of the attached Lightning trainer; ``(0, 1)`` without one."""
+    if trainer is None:
+        return 0, 1
+    return int(getattr(trainer, "global_rank", 0)), int(getattr(trainer, "world_size", 1))
+
+
+def per_rank_batch_size(batch_size: int, world_size: int, what: str) -> int:
+    """``batch_size // world_size``; ``ValueError`` unless ``world_size`` divides ``batch_size``."""
+    if batch_size % world_size:
+        raise ValueError(
+            f"{what}: batch_size={batch_size} is the global batch (all processes together) and must be "
+            f"divisible by the number of processes ({world_size}); choose a multiple of {world_size}."
+        )
+    return batch_size // world_size
+
+
+class ShardedRandomSampler(DistributedSampler):
+    """One rank's share of the single-process shuffled order, batch by batch.
+
+    Every rank draws the same order as the single-process training loader
+    (``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))``), epoch
+    after epoch, and rank ``r`` of ``W`` takes positions ``r, r + W, r + 2W, ...`` of it.
+    Batched by ``global_batch / W`` per rank, step ``i`` of all ranks together covers
+    positions ``[i·B, (i+1)·B)``: the union of the ranks' batches is the single process's
+    batch ``i``. With ``drop_last`` the incomplete last global batch is dropped on every
+    rank; without it the order is padded from its start to a multiple of ``W`` (like
+    ``DistributedSampler``), so all ranks take the same number of steps.
+
+    To reproduce the single-process order, the generator is consumed as that loader
+    consumes it: one int64 draw (the workers' base seed) when an iterator is created,
+    i.e. every epoch, or only the first with persistent workers, then ``RandomSampler``'s
+    draws, lazily: ``RandomSampler`` draws a second permutation only when asked for more
+    than ``n`` indices, and whether that happens depends on how far the consumer iterates
+    (Lightning stops after ``len(loader)`` batches). This sampler pulls the global order
+    just as far as the rank's requests need, and when asked beyond its share it pulls the
+    rest, so the ranks' draws match the single process's request by request. (Checked
+    against the real loader and real DDP runs in ``tests/test_ddp.py``.)
+
+    A ``DistributedSampler`` subclass, so Lightning does not inject another one; ``set_epoch``
+    is accepted and ignored (the generator advances by itself from epoch to epoch).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        global_batch: int,
+        drop_last: bool,
+        persistent_workers: bool = False,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = RandomSampler(dataset, generator=self.generator)
+        self.persistent_workers = persistent_workers
+        self._iterations = 0
+        n = len(dataset)  # type: ignore[arg-type]
+        if drop_last:
+            self.total_size = (n // global_batch) * global_batch
+        else:
+            self.total_size = -(-n // num_replicas) * num_replicas
+        self.num_samples = self.total_size // num_replicas
+
+    def __iter__(self):
+        if not (self.persistent_workers and self._iterations > 0):
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the DataLoader's base seed
+        self._iterations += 1
+        return self._share(iter(self.order))
+
+    def _share(self, source):
+        n, total, world, rank = len(self.order), self.total_size, self.num_replicas, self.rank
+        head = []  # the first positions, repeated as padding (drop_last=False)
+        for pos, index in enumerate(source):  # lazily: pulled only as far as requests reach
+            if pos < total - n:
+                head.append(index)
+            if pos < total and pos % world == rank:
+                yield index
+        for pos in range(n, total):  # pad to a multiple of the world size, as DistributedSampler
+            if pos % world == rank:
+                yield head[(pos - n) % len(head)]
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 class ArrayImageDataset(Dataset):
@@ -60,6 +147,16 @@ class ImageDataModule(pl.LightningDataModule):
     Subclasses implement :meth:`_ensure_files` (check / download / verify what is on disk)
     and :meth:`_load_split` (return uint8 images and labels of one split), and set
     :attr:`num_classes`, :attr:`input_shape`, :meth:`_train_transform`, :meth:`_eval_transform`.
+
+    **Several processes (DDP).** ``batch_size`` is the *global* batch, the problem's batch
+    size (DeepOBS: 128) whatever the number of processes: each of the ``W`` ranks loads
+    ``batch_size / W`` images per step (``W`` must divide ``batch_size``, checked in
+    :meth:`setup`). The training loader then uses :class:`ShardedRandomSampler`: all ranks
+    draw the single-process permutation (seeded by ``seed``) and step ``i`` of the ranks
+    together covers exactly the single process's batch ``i``, so with gradients averaged
+    by DDP the run matches one process up to float round-off (augmentation draws aside).
+    The evaluation loaders get Lightning's ``DistributedSampler`` (no shuffling; it pads
+    with a few repeated images when ``W`` does not divide the set's size).
     """
 
     #: Number of classes (set by subclasses).
@@ -124,6 +221,7 @@ class ImageDataModule(pl.LightningDataModule):
         Never downloads (that is :meth:`prepare_data`'s job); missing or broken files raise
         the same clear errors as :meth:`prepare_data` with ``download=False``.  Idempotent.
         """
+        per_rank_batch_size(self.batch_size, distributed_shard(self.trainer)[1], type(self).__name__)
         if self.train_dataset is not None:
             return
         self._ensure_files(download=False)
@@ -151,11 +249,22 @@ class ImageDataModule(pl.LightningDataModule):
             )
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
+        rank, world = distributed_shard(self.trainer)
+        batch_size = per_rank_batch_size(self.batch_size, world, type(self).__name__)
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        sampler = None
+        if shuffle and world > 1:
+            # our own rank-aware sampler: the global batch stays batch_size and the order
+            # is the single-process one (Lightning leaves a DistributedSampler alone)
+            sampler = ShardedRandomSampler(
+                dataset, world, rank, self.seed, self.batch_size, drop_last, persistent_workers=self.num_workers > 0
+            )
+            shuffle, generator = False, None
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             generator=generator,
             drop_last=drop_last,
             num_workers=self.num_workers,

@@ -175,7 +175,8 @@ class CIFAR10DataModule(_CIFARDataModule):
 
     Args:
         data_dir: Root data folder (the torchvision folder lives inside it).
-        batch_size: Mini-batch size of all loaders (DeepOBS: 128).
+        batch_size: Mini-batch size of all loaders (DeepOBS: 128); under DDP the global batch,
+            split evenly across the processes.
         num_workers: ``DataLoader`` worker processes (0 = load in the main process).
         seed: Seed of the training loader's shuffling generator.
         download: Download the archive in :meth:`prepare_data` if files are missing (never
@@ -227,7 +228,8 @@ class CIFAR100DataModule(_CIFARDataModule):
 
     Args:
         data_dir: Root data folder (the torchvision folder lives inside it).
-        batch_size: Mini-batch size of all loaders (DeepOBS: 128).
+        batch_size: Mini-batch size of all loaders (DeepOBS: 128); under DDP the global batch,
+            split evenly across the processes.
         num_workers: ``DataLoader`` worker processes (0 = load in the main process).
         seed: Seed of the training loader's shuffling generator.
         download: Download the archive in :meth:`prepare_data` if files are missing (never

@@ -89,7 +89,8 @@ class FashionMNISTDataModule(ImageDataModule):
 
     Args:
         data_dir: Root data folder (the ``FashionMNIST/raw`` folder lives inside it).
-        batch_size: Mini-batch size of all loaders (DeepOBS: 128).
+        batch_size: Mini-batch size of all loaders (DeepOBS: 128); under DDP the global batch,
+            split evenly across the processes.
         num_workers: ``DataLoader`` worker processes (0 = load in the main process).
         seed: Seed of the training loader's shuffling generator.
         download: Download missing files in :meth:`prepare_data` (never over present files).

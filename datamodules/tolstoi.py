@@ -12,8 +12,17 @@ Pipeline (each step a public function, so it can be tested and reused):
    floor((n - 1) / (batch_size * seq_len))``; inputs ``ids[:m]`` and targets ``ids[1:m + 1]``
    with ``m = num_batches * batch_size * seq_len``, each reshaped to ``[batch_size, m /
    batch_size]`` so that every row is one contiguous stream of the split, and batch ``i`` is
-   columns ``[seq_len * i, seq_len * (i + 1))``.  (The one place to split rows across
-   processes later.)
+   columns ``[seq_len * i, seq_len * (i + 1))``.
+
+Several processes (DDP): the rows are split, not the batches.  Rank ``r`` of ``W`` gets
+rows ``[r * B / W, (r + 1) * B / W)`` of every batch (``B = batch_size``, which ``W`` must
+divide), for all ``num_batches`` batches in order.  The global batch stays ``B x seq_len``
+(50 x 50), each rank carries the recurrent state of its own rows from batch to batch, and
+since the loss is a mean over equally many characters per rank, DDP's averaged gradient is
+the single-process gradient: a run on ``W`` processes follows the one-process trajectory up
+to float round-off (dropout draws aside).  Dealing whole batches to ranks (what Lightning's
+automatic ``DistributedSampler`` would do) would break every stream after one batch; the
+loaders therefore carry a pass-through ``DistributedSampler`` so Lightning injects none.
 """
 
 import hashlib
@@ -27,7 +36,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ._files import (
     DOWNLOAD_ERRORS,
@@ -37,7 +46,7 @@ from ._files import (
     download_file,
     verify_file,
 )
-from ._image import check_common_args, check_positive_int
+from ._image import check_common_args, check_positive_int, distributed_shard, per_rank_batch_size
 
 #: Where DeepOBS downloads the text from (SPEC §3).
 TOLSTOI_URL = "https://github.com/AllenDowney/fluent-python-notebooks/raw/master/attic/sequences/war-and-peace.txt"
@@ -161,13 +170,18 @@ class TolstoiDataModule(pl.LightningDataModule):
     missing and ``download=True`` it is fetched from :data:`TOLSTOI_URL`.  The encoded ids
     are cached beside it as ``war-and-peace.ids-<sha prefix>.npz`` (rebuilt if unreadable).
 
+    Under DDP (``W`` processes) ``batch_size`` stays the global number of rows and each rank
+    loads its contiguous block of ``batch_size / W`` rows (see the module docstring), so a
+    rank's batches are ``[batch_size / W, seq_len]``; ``W`` must divide ``batch_size``.
+
     Attributes:
         num_classes: Vocabulary size, 83.
         vocab: After :meth:`setup`, the string of the 83 symbols in id order.
 
     Args:
         data_dir: Root data folder (the text lives in ``<data_dir>/tolstoi``).
-        batch_size: Number of parallel streams (rows) per batch (DeepOBS: 50).
+        batch_size: Number of parallel streams (rows) per batch (DeepOBS: 50), summed over
+            processes under DDP.
         seq_len: Characters per row and batch (DeepOBS: 50).
         num_workers: ``DataLoader`` worker processes (0 = main process).
         seed: Unused (Tolstoi is never shuffled); accepted for a uniform interface.
@@ -207,6 +221,7 @@ class TolstoiDataModule(pl.LightningDataModule):
         self.train_dataset: Optional[StreamBatchDataset] = None
         self.train_eval_dataset: Optional[StreamBatchDataset] = None
         self.test_dataset: Optional[StreamBatchDataset] = None
+        self._shard: Optional[Tuple[int, int]] = None  # (rank, world size) the datasets were built for
 
     # --------------------------------------------------------------------- files
     @property
@@ -303,17 +318,27 @@ class TolstoiDataModule(pl.LightningDataModule):
             self._save_cache(*self._encode_from_text())
 
     def setup(self, stage: Optional[str] = None) -> None:
-        """Load the ids (from the cache, else from the text), split them and lay out the batches."""
-        if self.train_dataset is not None:
+        """Load the ids (from the cache, else from the text), split them and lay out the batches.
+
+        Under DDP, keep this rank's block of rows (rank and world size from the attached
+        trainer); built again if the shard changed since the last call.
+        """
+        rank, world = distributed_shard(self.trainer)
+        rows_per_rank = per_rank_batch_size(self.batch_size, world, type(self).__name__)
+        if self.train_dataset is not None and self._shard == (rank, world):
             return
-        vocab, ids = self._encoded(download=False)
-        self.vocab = vocab
-        self.train_ids, self.test_ids = split_train_test(ids)
+        if self.vocab is None:
+            vocab, ids = self._encoded(download=False)
+            self.vocab = vocab
+            self.train_ids, self.test_ids = split_train_test(ids)
+        rows = slice(rank * rows_per_rank, (rank + 1) * rows_per_rank)
         train_x, train_y, _ = make_stream_batches(self.train_ids, self.batch_size, self.seq_len)
         test_x, test_y, num_test = make_stream_batches(self.test_ids, self.batch_size, self.seq_len)
+        train_x, train_y, test_x, test_y = (t[rows] for t in (train_x, train_y, test_x, test_y))
         self.train_dataset = StreamBatchDataset(train_x, train_y, self.seq_len)
         self.train_eval_dataset = StreamBatchDataset(train_x, train_y, self.seq_len, num_batches=num_test)
         self.test_dataset = StreamBatchDataset(test_x, test_y, self.seq_len)
+        self._shard = (rank, world)
 
     def decode(self, ids: "torch.Tensor | np.ndarray | List[int]") -> str:
         """Characters of a 1-D sequence of ids (after :meth:`setup`)."""
@@ -328,10 +353,15 @@ class TolstoiDataModule(pl.LightningDataModule):
                 "TolstoiDataModule: call prepare_data() and setup() before asking for a data loader "
                 "(a Lightning Trainer does this for you)."
             )
+        # Under DDP the dataset already holds this rank's rows: a pass-through (1 replica)
+        # DistributedSampler keeps every batch in order and stops Lightning injecting its own.
+        world = distributed_shard(self.trainer)[1]
+        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False) if world > 1 else None
         return DataLoader(
             dataset,
             batch_size=None,
             shuffle=False,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

@@ -10,6 +10,17 @@ from .registry import available_optimizers, build_optimizer
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # the callback needs pytorch_lightning: import it on first use, so that plain-PyTorch
+    # users of the optimizers don't pay for Lightning (the CLI imports it eagerly)
+    if name == "VarianceAdaptationMonitor":
+        from .callbacks import VarianceAdaptationMonitor
+
+        return VarianceAdaptationMonitor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "MSGD",
     "MSSD",
@@ -17,6 +28,7 @@ __all__ = [
     "SVAG",
     "DissectedOptimizer",
     "UpdateRule",
+    "VarianceAdaptationMonitor",
     "available_optimizers",
     "bias_correction",
     "build_optimizer",

@@ -18,7 +18,8 @@ import sys
 from typing import List, Optional
 
 from . import __version__, available_optimizers
-from . import optimizers as _optimizers  # noqa: F401  (imported so class names resolve)
+from . import callbacks as _callbacks  # noqa: F401  (imported so short class names resolve:
+from . import optimizers as _optimizers  # noqa: F401   --optimizer MSVAG, --trainer.callbacks+=VarianceAdaptationMonitor)
 
 
 def build_cli(argv: Optional[List[str]] = None, run: bool = True):

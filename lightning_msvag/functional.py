@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence
@@ -349,6 +350,12 @@ def _make_fused_kernel(rule: UpdateRule):
             direction = torch.minimum(gamma, scalars[4]) * direction
         param.copy_(param.to(compute) + scalars[5] * direction)
 
+    # torch.compile caches graphs per code object and caps recompiles per code object
+    # (8 by default): one code object per rule keeps the rules from sharing that budget
+    code = kernel.__code__.replace(
+        co_name=f"fused_{rule.direction}_sign{int(rule.sign)}_va{int(rule.variance_adaptation)}"
+    )
+    kernel = types.FunctionType(code, kernel.__globals__, code.co_name, kernel.__defaults__, kernel.__closure__)
     return torch.compile(kernel, dynamic=True, fullgraph=True)
 
 

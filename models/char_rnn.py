@@ -101,8 +101,10 @@ class CharLSTM(ClassificationProblem):
     training stream), when the batch size changes (e.g. a last partial batch),
     and at the start of every validation/test epoch. The training state is saved
     in checkpoints (:meth:`on_save_checkpoint`) and restored on load, so a
-    mid-epoch resume continues the stream. Under DDP each process carries its own
-    stream; the checkpoint holds the saving process's (rank 0's) state.
+    mid-epoch resume continues the stream. Under DDP each process carries the state of
+    its own block of rows (the Tolstoi data module gives rank ``r`` of ``W`` rows
+    ``[r·B/W, (r+1)·B/W)``); the checkpoint gathers all ranks' blocks in rank order, so it
+    holds the state of all ``B`` rows, and on load each rank takes its own block back.
 
     Args:
         vocab_size: number of characters (83 for War and Peace).
@@ -205,17 +207,33 @@ class CharLSTM(ClassificationProblem):
         self.reset_states("predict/")
 
     # ----------------------------------------------------------- checkpoint
+    def _shard(self) -> tuple[int, int]:
+        trainer = self._trainer
+        return (0, 1) if trainer is None else (int(trainer.global_rank), int(trainer.world_size))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the training stream's ``(h, c)`` (on CPU) so a mid-epoch resume continues it."""
+        """Store the training stream's ``(h, c)`` (on CPU) so a mid-epoch resume continues it.
+
+        Under DDP (called on every rank) the ranks' row blocks are gathered along the batch
+        dimension in rank order: the saved state covers all rows.
+        """
         state = self._stream_states.get("train")
+        if state is not None and self._shard()[1] > 1:
+            h, c = (self.all_gather(t.detach().contiguous()) for t in state)  # [W, L, B/W, H]
+            state = (torch.cat(h.unbind(0), dim=1), torch.cat(c.unbind(0), dim=1))
         checkpoint[CHECKPOINT_STATE_KEY] = (
             None if state is None else {"h": state[0].detach().cpu(), "c": state[1].detach().cpu()}
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the training stream's state; evaluation streams restart from zero."""
+        """Restore the training stream's state (this rank's rows under DDP); evaluation streams restart from zero."""
         self._stream_states = {}
         saved = checkpoint.get(CHECKPOINT_STATE_KEY)
         if saved is not None:
+            h, c = saved["h"], saved["c"]
+            rank, world = self._shard()
+            if world > 1 and h.shape[1] % world == 0:
+                rows = h.shape[1] // world
+                h, c = h[:, rank * rows : (rank + 1) * rows], c[:, rank * rows : (rank + 1) * rows]
             # Moved to the batch's device lazily in step_logits.
-            self._stream_states["train"] = (saved["h"], saved["c"])
+            self._stream_states["train"] = (h, c)

@@ -109,7 +109,7 @@ def test_matches_numpy_transcription_of_spec(method, foreach, fused, tile, dtype
         else:
             assert "exp_avg_sq" not in state  # one buffer per parameter for M-SGD / M-SSD
     if fused:  # the compiled kernel ran, no fallback to the multi-tensor path
-        assert lm.functional._fused_broken is None
+        assert lm.functional._fused_broken is None, lm.functional._fused_broken
     if method in ("m-svag", "svag"):
         gammas = opt.variance_adaptation_factors()
         assert len(gammas) == len(oracles)
