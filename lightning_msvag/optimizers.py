@@ -40,21 +40,20 @@ from .functional import (
 __all__ = ["DissectedOptimizer", "MSGD", "MSSD", "MSVAG", "SVAG"]
 
 
-def _default_paths(params: List[Tensor], foreach: Optional[bool], fused: Optional[bool]):
+def _default_paths(params: List[Tensor], foreach: Optional[bool], fused: Optional[bool], rule: UpdateRule):
     """Resolve ``foreach=None`` / ``fused=None`` to the fastest path for these tensors.
 
-    CPU: fused (the compiled one-pass kernel for large tensors, multi-tensor for the rest)
-    when torch.compile can run here, else multi-tensor. CUDA: multi-tensor (one kernel
-    launch per list instead of per tensor). Measured in benchmarks/optimizer_step.py.
+    CPU, variance adaptation (~9 elementwise operations per step): fused, the compiled
+    one-pass kernel, when torch.compile can run here; else multi-tensor. CPU, M-SGD and
+    M-SSD (3 operations, as cheap as SGD-momentum): the single-tensor path, which beats
+    the compiled calls' fixed overhead. CUDA: multi-tensor (one kernel launch per list
+    instead of per tensor). Measured in benchmarks/optimizer_step.py.
     """
+    on_cpu = all(p.device.type == "cpu" for p in params)
     if fused is None:
-        fused = (
-            foreach is None
-            and all(p.device.type == "cpu" for p in params)
-            and fused_path_available()
-        )
+        fused = foreach is None and on_cpu and rule.variance_adaptation and fused_path_available()
     if foreach is None:
-        foreach = not torch.jit.is_scripting()
+        foreach = not torch.jit.is_scripting() and not (on_cpu and not rule.variance_adaptation)
     return bool(foreach), bool(fused)
 
 
@@ -73,10 +72,11 @@ class DissectedOptimizer(Optimizer):
             (to float round-off).
         fused: the compiled one-pass path on CPU: tensors of at least
             ``FUSED_MIN_NUMEL`` (2**17) elements go through one ``torch.compile``-generated
-            loop each (the whole update in one pass, like torch's fused Adam); smaller and
-            non-CPU tensors take the multi-tensor path. ``None`` (default) uses it on CPU
-            when torch.compile and a C++ compiler are available and ``foreach`` is not
-            set; ``False`` never. The compile is paid once per process at the first step
+            loop each (the whole update in one pass, like torch's fused Adam); smaller ones
+            are gathered into one call; non-CPU tensors take the multi-tensor path.
+            ``None`` (default) uses it on CPU for M-SVAG and SVAG when torch.compile and a
+            C++ compiler are available and ``foreach`` is not set (M-SGD and M-SSD are
+            faster on the single-tensor path); ``False`` never. The compile is paid once per process at the first step
             (10-35 s on 2 cores with a cold cache, 1-3 s with inductor's on-disk cache).
             If compiling fails, a warning is raised and the multi-tensor path is used.
         error_if_nonfinite: check the gradients before each step and raise
@@ -183,7 +183,7 @@ class DissectedOptimizer(Optimizer):
                 continue
             for step_t in step_tensors:
                 step_t += 1
-            foreach, fused = _default_paths(params, group["foreach"], group["fused"])
+            foreach, fused = _default_paths(params, group["foreach"], group["fused"], self.rule)
             dissected_adam(
                 params,
                 grads,
