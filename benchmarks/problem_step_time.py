@@ -5,7 +5,7 @@ model's own training loss (cross-entropy + L2), M-SVAG with its default paths. P
 ms/step (median of the timed steps after warm-up) and, per problem, the ratio against
 the same step with torch.optim.Adam (default) as anchor.
 
-    python benchmarks/problem_step_time.py [--steps 10] [--problems p1,p2,p3,p4]
+    python benchmarks/problem_step_time.py [--steps 10] [--warmup 3] [--problems p1,p2,p3,p4]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def time_steps(model, make_optimizer, batch, steps: int, warmup: int = 3):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator)")
     parser.add_argument("--problems", default="p1,p2,p3,p4")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
@@ -56,8 +57,8 @@ def main() -> None:
         batch = make_batch()
         model = cls()
         model.log = lambda *a, **k: None  # no trainer attached: logging is a no-op here
-        msvag = time_steps(model, lambda p: lm.MSVAG(p, lr=1e-3), batch, args.steps)
-        adam = time_steps(model, lambda p: torch.optim.Adam(p, lr=1e-4), batch, args.steps)
+        msvag = time_steps(model, lambda p: lm.MSVAG(p, lr=1e-3), batch, args.steps, args.warmup)
+        adam = time_steps(model, lambda p: torch.optim.Adam(p, lr=1e-4), batch, args.steps, args.warmup)
         print(f"{title:34s} {msvag * 1e3:15.1f} {adam * 1e3:13.1f} {msvag / adam:6.2f}", flush=True)
 
 
