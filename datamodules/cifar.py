@@ -29,15 +29,15 @@ class _CIFARDataModule(ImageDataModule):
 
     def __init__(
         self,
-        data_dir: str,
-        batch_size: int,
-        num_workers: int,
-        seed: int,
-        download: bool,
-        pin_memory: bool,
-        drop_last: bool,
-        augment: bool,
-        pixel_range: float,
+        data_dir: str = "./data",
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 42,
+        download: bool = True,
+        pin_memory: bool = False,
+        drop_last: bool = True,
+        augment: bool = True,
+        pixel_range: float = 1.0,
     ) -> None:
         super().__init__(data_dir, batch_size, num_workers, seed, download, pin_memory, drop_last)
         if not isinstance(augment, bool):
@@ -46,6 +46,7 @@ class _CIFARDataModule(ImageDataModule):
             raise ValueError(f"pixel_range must be a positive number (1.0 or 255.0), got {pixel_range!r}")
         self.augment = augment
         self.pixel_range = float(pixel_range)
+        self.save_hyperparameters()
 
     # --------------------------------------------------------------------- files
     @property
@@ -195,23 +196,6 @@ class CIFAR10DataModule(_CIFARDataModule):
     dataset_cls = CIFAR10
     num_classes = 10
 
-    def __init__(
-        self,
-        data_dir: str = "./data",
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 42,
-        download: bool = True,
-        pin_memory: bool = False,
-        drop_last: bool = True,
-        augment: bool = True,
-        pixel_range: float = 1.0,
-    ) -> None:
-        super().__init__(
-            data_dir, batch_size, num_workers, seed, download, pin_memory, drop_last, augment, pixel_range
-        )
-        self.save_hyperparameters()
-
 
 class CIFAR100DataModule(_CIFARDataModule):
     """CIFAR-100 (fine labels) for the DeepOBS problem ``cifar100_wrn404`` (SPEC §3, P3).
@@ -247,20 +231,3 @@ class CIFAR100DataModule(_CIFARDataModule):
 
     dataset_cls = CIFAR100
     num_classes = 100
-
-    def __init__(
-        self,
-        data_dir: str = "./data",
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 42,
-        download: bool = True,
-        pin_memory: bool = False,
-        drop_last: bool = True,
-        augment: bool = True,
-        pixel_range: float = 1.0,
-    ) -> None:
-        super().__init__(
-            data_dir, batch_size, num_workers, seed, download, pin_memory, drop_last, augment, pixel_range
-        )
-        self.save_hyperparameters()
