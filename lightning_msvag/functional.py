@@ -36,6 +36,7 @@ already holds the kernel.
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import types
@@ -370,10 +371,10 @@ def _flat_alias(tensor: Tensor) -> Tensor:
     )
 
 
-def fused_path_available() -> bool:
-    """Whether the compiled kernel can run here: torch.compile works and a C++ compiler exists."""
-    if _fused_broken is not None:
-        return False
+@functools.lru_cache(maxsize=None)
+def _compiler_toolchain_present() -> bool:
+    """torch.compile supported here and a C++ compiler on PATH; fixed for the process, so
+    probed once (it is consulted on every default-path ``step()``)."""
     try:
         import torch._dynamo
 
@@ -382,6 +383,12 @@ def fused_path_available() -> bool:
     except Exception:
         return False
     return any(shutil.which(cxx) for cxx in ("c++", "g++", "clang++", "cl"))
+
+
+def fused_path_available() -> bool:
+    """Whether the compiled kernel can run here: torch.compile works, a C++ compiler
+    exists, and no earlier compile in this process failed."""
+    return _fused_broken is None and _compiler_toolchain_present()
 
 
 def _fused_update(kernel, tensors, scalars: Tensor) -> bool:
