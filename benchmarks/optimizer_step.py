@@ -26,7 +26,7 @@ import lightning_msvag as lm
 
 
 def wrn_40_4_shapes(num_classes: int = 100):
-    """Parameter shapes of the pre-activation WRN-40-4 of SPEC §3 (P3)."""
+    """Parameter shapes of the pre-activation WRN-40-4 of docs/problems.md (P3)."""
     shapes = [(16, 3, 3, 3)]
     in_ch = 16
     for width in (64, 128, 256):

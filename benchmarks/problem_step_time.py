@@ -1,6 +1,6 @@
 """Time one training step (forward, backward, M-SVAG step) of each of the four problems.
 
-Random inputs of each problem's shape at the configured batch size (SPEC §3), the
+Random inputs of each problem's shape at the configured batch size (docs/problems.md), the
 model's own training loss (cross-entropy + L2), M-SVAG with its default paths. Prints
 ms/step (median of the timed steps after warm-up) and, per problem, the ratio against
 the same step with torch.optim.Adam (default) as anchor.

@@ -1,4 +1,4 @@
-"""LightningDataModules for the four DeepOBS test problems of "Dissecting Adam" (SPEC §3).
+"""LightningDataModules for the four DeepOBS test problems of "Dissecting Adam" (docs/problems.md).
 
 =========================  ==========================  =========  ============  ==========
 class                      problem                     classes    batch         inputs

@@ -1,4 +1,4 @@
-"""CIFAR-10 and CIFAR-100 (SPEC §3, P2 ``cifar10_3c3d`` and P3 ``cifar100_wrn404``)."""
+"""CIFAR-10 and CIFAR-100 (docs/problems.md, P2 ``cifar10_3c3d`` and P3 ``cifar100_wrn404``)."""
 
 from pathlib import Path
 from typing import Any, Callable, List, Tuple, Type
@@ -158,7 +158,7 @@ class _CIFARDataModule(ImageDataModule):
 
 
 class CIFAR10DataModule(_CIFARDataModule):
-    """CIFAR-10 for the DeepOBS problem ``cifar10_3c3d`` (SPEC §3, P2).
+    """CIFAR-10 for the DeepOBS problem ``cifar10_3c3d`` (docs/problems.md, P2).
 
     Batches are ``(inputs, targets)``: inputs float32 ``[B, 3, 32, 32]``, labels int64 in
     ``[0, 10)``.  Training images: zero-pad 2, random 32x32 crop, random horizontal flip,
@@ -184,7 +184,7 @@ class CIFAR10DataModule(_CIFARDataModule):
             over present files; a present file with a wrong md5 is an error).
         pin_memory: Passed to the data loaders.
         drop_last: Drop the last incomplete training batch (DeepOBS does; 50000 = 390*128 + 80).
-        augment: Apply the training augmentation (SPEC §3); ``False`` gives the test-time
+        augment: Apply the training augmentation (docs/problems.md); ``False`` gives the test-time
             preprocessing for training batches too.
         pixel_range: Float scale of the pixels before augmentation: 1.0 maps them to
             ``[0, 1]`` (brightness jitter up to ±63/255 of the range); 255.0 keeps
@@ -198,7 +198,7 @@ class CIFAR10DataModule(_CIFARDataModule):
 
 
 class CIFAR100DataModule(_CIFARDataModule):
-    """CIFAR-100 (fine labels) for the DeepOBS problem ``cifar100_wrn404`` (SPEC §3, P3).
+    """CIFAR-100 (fine labels) for the DeepOBS problem ``cifar100_wrn404`` (docs/problems.md, P3).
 
     Same preprocessing and augmentation as :class:`CIFAR10DataModule`; labels are the 100
     fine labels, int64 in ``[0, 100)``.
@@ -220,7 +220,7 @@ class CIFAR100DataModule(_CIFARDataModule):
             over present files; a present file with a wrong md5 is an error).
         pin_memory: Passed to the data loaders.
         drop_last: Drop the last incomplete training batch (DeepOBS does; 50000 = 390*128 + 80).
-        augment: Apply the training augmentation (SPEC §3); ``False`` gives the test-time
+        augment: Apply the training augmentation (docs/problems.md); ``False`` gives the test-time
             preprocessing for training batches too.
         pixel_range: Float scale of the pixels before augmentation: 1.0 maps them to
             ``[0, 1]`` (brightness jitter up to ±63/255 of the range); 255.0 keeps

@@ -1,4 +1,4 @@
-"""Fashion-MNIST (SPEC §3, P1 ``fmnist_2c2d``): 60k/10k, pixels / 255, no augmentation."""
+"""Fashion-MNIST (docs/problems.md, P1 ``fmnist_2c2d``): 60k/10k, pixels / 255, no augmentation."""
 
 import math
 import struct
@@ -69,7 +69,7 @@ def read_idx_header(path: Path, magic: int, item_shape: Tuple[int, ...]) -> int:
 
 
 class FashionMNISTDataModule(ImageDataModule):
-    """Fashion-MNIST for the DeepOBS problem ``fmnist_2c2d`` (SPEC §3, P1).
+    """Fashion-MNIST for the DeepOBS problem ``fmnist_2c2d`` (docs/problems.md, P1).
 
     Batches are ``(inputs, targets)`` with inputs float32 ``[B, 1, 28, 28]`` = pixels / 255
     (exactly ``torchvision.transforms.ToTensor``), no augmentation, and int64 labels in

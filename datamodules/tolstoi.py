@@ -1,4 +1,4 @@
-"""War and Peace, character level (SPEC §3, P4 ``tolstoi_char_rnn``), exactly as DeepOBS.
+"""War and Peace, character level (docs/problems.md, P4 ``tolstoi_char_rnn``), exactly as DeepOBS.
 
 Pipeline (each step a public function, so it can be tested and reused):
 
@@ -48,12 +48,12 @@ from ._files import (
 )
 from ._image import check_common_args, check_positive_int, distributed_shard, per_rank_batch_size
 
-#: Where DeepOBS downloads the text from (SPEC §3).
+#: Where DeepOBS downloads the text from (docs/problems.md).
 TOLSTOI_URL = "https://github.com/AllenDowney/fluent-python-notebooks/raw/master/attic/sequences/war-and-peace.txt"
-#: The raw file: size and sha256 (SPEC §3).
+#: The raw file: size and sha256 (docs/problems.md).
 TOLSTOI_RAW_SIZE = 3_291_641
 TOLSTOI_RAW_SHA256 = "3ed0f41cfdf660846878943bad5b9d575bcae1e4a92ee9a7f43d3c9dba2af344"
-#: The preprocessed text: length in characters and sha256 of its UTF-8 bytes (SPEC §3).
+#: The preprocessed text: length in characters and sha256 of its UTF-8 bytes (docs/problems.md).
 TOLSTOI_TEXT_LENGTH = 3_266_185
 TOLSTOI_TEXT_SHA256 = "48b5030ae673ac66db6e46c0915c04a8c18e0c83367a5836b2bae53154f339e4"
 TOLSTOI_VOCAB_SIZE = 83
@@ -157,7 +157,7 @@ class StreamBatchDataset(Dataset):
 
 
 class TolstoiDataModule(pl.LightningDataModule):
-    """War and Peace, character level, for the DeepOBS problem ``tolstoi_char_rnn`` (SPEC §3, P4).
+    """War and Peace, character level, for the DeepOBS problem ``tolstoi_char_rnn`` (docs/problems.md, P4).
 
     Batches are ``(inputs, targets)``, both int64 ``[batch_size, seq_len]`` character ids
     (``targets`` = ``inputs`` shifted by one character).  Never shuffled: row ``r`` of

@@ -1,4 +1,4 @@
-"""Image transforms with TensorFlow semantics, for the DeepOBS CIFAR pipelines (SPEC §3).
+"""Image transforms with TensorFlow semantics, for the DeepOBS CIFAR pipelines (docs/problems.md).
 
 All transforms here act on one float image tensor of shape ``[C, H, W]`` and draw their
 random numbers from torch's global generator (which the ``DataLoader`` seeds per worker).

@@ -1,7 +1,7 @@
 """lightning-msvag: the optimizers of "Dissecting Adam" (Balles & Hennig, ICML 2018).
 
 M-SGD, M-SSD, M-SVAG and SVAG as ``torch.optim.Optimizer`` subclasses, a name registry,
-and (in submodules) PyTorch Lightning callbacks and a CLI. See ../SPEC.md §1 for formulas.
+and (in submodules) PyTorch Lightning callbacks and a CLI. See docs/algorithm.md for the formulas.
 """
 
 from .functional import UpdateRule, bias_correction, variance_adaptation_factor, variance_ratio

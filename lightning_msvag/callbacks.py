@@ -1,7 +1,7 @@
 """Lightning callbacks: :class:`VarianceAdaptationMonitor` watches γ during training.
 
 M-SVAG (and SVAG) multiply every coordinate of the update by a variance-adaptation factor
-γ ∈ [0, 1] (SPEC §1); Adam does the same implicitly with (1 + η̂²)^(−1/2). The monitor logs,
+γ ∈ [0, 1] (docs/algorithm.md §1); Adam does the same implicitly with (1 + η̂²)^(−1/2). The monitor logs,
 per parameter tensor and over the whole model, how these factors are distributed, where
 TensorBoard shows them as scalars and histograms::
 
@@ -112,7 +112,7 @@ class VarianceAdaptationMonitor(Callback):
       step, computed per tensor by :func:`~lightning_msvag.variance_adaptation_factor`,
       the same function their ``variance_adaptation_factors()`` uses (one tensor at a time,
       so only one tensor's γ is alive at once). The relative variance is η̂² = s / m² with
-      s = (v − m²)/(1 − ρ); M-SVAG's γ = 1/(1 + ρ η̂²), SVAG's γ = 1/(1 + η̂²) (SPEC §1), so
+      s = (v − m²)/(1 − ρ); M-SVAG's γ = 1/(1 + ρ η̂²), SVAG's γ = 1/(1 + η̂²) (docs/algorithm.md §1), so
       η̂² is recovered from γ as (1/γ − 1)/ρ (M-SVAG) or 1/γ − 1 (SVAG). At k = 1, s = 0
       exactly, so η̂² = 0 (γ = 1).
     * ``torch.optim.Adam`` (and ``AdamW``): Adam's implicit factor (1 + η̂²)^(−1/2) = |m|/√v
@@ -380,7 +380,7 @@ class VarianceAdaptationMonitor(Callback):
                 else:
                     v = state["exp_avg_sq"]
                 gamma = variance_adaptation_factor(m, v, beta=beta, step=k, direction=direction)
-                # M-SVAG: γ = 1/(1 + ρ η̂²); SVAG: γ = 1/(1 + η̂²)  (SPEC §1)
+                # M-SVAG: γ = 1/(1 + ρ η̂²); SVAG: γ = 1/(1 + η̂²)  (docs/algorithm.md §1)
                 lam = variance_ratio(beta, k) if direction == "momentum" else 1.0
                 yield p, gamma, lam, 1
 

@@ -1,4 +1,4 @@
-"""Functional core of the "Dissecting Adam" optimizer family (SPEC §1, paper Alg. 1 and 2).
+"""Functional core of the "Dissecting Adam" optimizer family (docs/algorithm.md §1, paper Alg. 1 and 2).
 
 The paper splits Adam into two orthogonal aspects, the *sign* of the update direction and
 *variance adaptation*, on top of one moment estimator. :class:`UpdateRule` holds the
@@ -78,7 +78,7 @@ class UpdateRule:
         sign: update along sign(m~) instead of m (sign descent; no magnitude).
         variance_adaptation: scale each coordinate by the factor
             γ = m² / (m² + var), with var the estimated variance of the update direction
-            (paper Lemma 1, SPEC §1).
+            (paper Lemma 1, docs/algorithm.md §1).
     """
 
     direction: str = "momentum"
@@ -102,12 +102,12 @@ class UpdateRule:
 
 
 def bias_correction(beta: float, step: int) -> float:
-    """1 − β^k, the bias correction of a zero-initialised moving average (SPEC §1)."""
+    """1 − β^k, the bias correction of a zero-initialised moving average (docs/algorithm.md §1)."""
     return 1.0 - beta**step
 
 
 def variance_ratio(beta: float, step: int) -> float:
-    """ρ(β, k) = (1−β)(1+β^k) / ((1+β)(1−β^k)), capped at :data:`RHO_CAP` (SPEC §1).
+    """ρ(β, k) = (1−β)(1+β^k) / ((1+β)(1−β^k)), capped at :data:`RHO_CAP` (docs/algorithm.md §1).
 
     For i.i.d. gradients of variance σ², var[m] = ρ σ² and E[v − m²] = (1−ρ) σ².
     ``beta = 0`` gives ρ = 1 (capped) at every step.
@@ -124,7 +124,7 @@ def _gamma_coefficients(rule: UpdateRule, beta: float, step: int):
     """Scalars that turn raw buffers into γ without materialising m, v or s.
 
     With bc = 1 − β^k, m = m~/bc and v = v~/bc. M-SVAG's γ = m²/(m² + ρ s) with
-    s = (v − m²)/(1 − ρ), SVAG's γ = m²/(m² + s) (SPEC §1). Both read
+    s = (v − m²)/(1 − ρ), SVAG's γ = m²/(m² + s) (docs/algorithm.md §1). Both read
     γ = m² / ((1 − r) m² + r v) with r = ρ/(1−ρ) (M-SVAG) or r = 1/(1−ρ) (SVAG), i.e.
 
         γ = λ · m~² / (v~ + κ m~²),   λ = 1/(r bc),   κ = (1 − r)/(r bc).
@@ -144,7 +144,7 @@ def _scaled_gamma(exp_avg: Tensor, exp_avg_sq: Tensor, kappa: float, upper: floa
     """γ' = clip(m~² / (v~ + κ m~²), 0, upper), a new tensor (single-tensor form).
 
     The denominator gets the smallest normal number of its dtype added: where m = v = 0 the
-    quotient 0/0 would be NaN, and SPEC §1 wants γ = 0 there (no update). Any denominator
+    quotient 0/0 would be NaN, and docs/algorithm.md §1 wants γ = 0 there (no update). Any denominator
     above ~1e-31 (float32) is unchanged by that addition, so elsewhere γ is exact.
     """
     if exp_avg.dtype in _LOW_PRECISION:  # γ in float32: bf16 has 8 mantissa bits
@@ -178,7 +178,7 @@ def _scaled_gamma_foreach(
 def variance_adaptation_factor(
     exp_avg: Tensor, exp_avg_sq: Tensor, *, beta: float, step: int, direction: str = "momentum"
 ) -> Tensor:
-    """γ of the step ``step`` from the raw moving averages m~ and v~ (SPEC §1).
+    """γ of the step ``step`` from the raw moving averages m~ and v~ (docs/algorithm.md §1).
 
     ``direction="momentum"`` gives M-SVAG's γ = m²/(m² + ρ s), ``"gradient"`` SVAG's
     γ = m²/(m² + s). γ ∈ [0, 1], and γ = 0 where m = v = 0. At k = 1, s = 0 exactly, so
@@ -233,14 +233,14 @@ def _single_tensor_update(
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         tensors = (param, grad, exp_avg, exp_avg_sq)
         chunks = _flat_chunks(tensors, tile_numel) if _can_tile(tensors, tile_numel) else [tensors]
-        va_step = rule.variance_adaptation and step > 1  # at k = 1, γ = 1 exactly (SPEC §1)
+        va_step = rule.variance_adaptation and step > 1  # at k = 1, γ = 1 exactly (docs/algorithm.md §1)
         if va_step:
             kappa, upper = _gamma_coefficients(rule, beta, step)
         scale = _update_scale(rule, lr, beta, step)
         for p, g, m, v in chunks:
             if maximize:
                 g = -g
-            # Moment estimator, SPEC §1: m~ ← β m~ + (1−β) g,  v~ ← β v~ + (1−β) g²
+            # Moment estimator, docs/algorithm.md §1: m~ ← β m~ + (1−β) g,  v~ ← β v~ + (1−β) g²
             m.lerp_(g, 1.0 - beta)
             if v is not None:
                 v.mul_(beta).addcmul_(g, g, value=1.0 - beta)
@@ -294,7 +294,7 @@ def _multi_tensor_update(
         buckets.setdefault((p.device, p.dtype, step), []).append(i)
     for (device, _, step), indices in buckets.items():
         lists = [[lst[i] for i in indices] for lst in (params, grads, exp_avgs, exp_avg_sqs)]
-        va_step = rule.variance_adaptation and step > 1  # at k = 1, γ = 1 exactly (SPEC §1)
+        va_step = rule.variance_adaptation and step > 1  # at k = 1, γ = 1 exactly (docs/algorithm.md §1)
         if va_step:
             kappa, upper = _gamma_coefficients(rule, beta, step)
         scale = _update_scale(rule, lr, beta, step)
@@ -306,7 +306,7 @@ def _multi_tensor_update(
             p, g, m, v = (list(t) for t in zip(*group))
             if maximize:
                 g = torch._foreach_neg(g)
-            # Moment estimator, SPEC §1: m~ ← β m~ + (1−β) g,  v~ ← β v~ + (1−β) g²
+            # Moment estimator, docs/algorithm.md §1: m~ ← β m~ + (1−β) g,  v~ ← β v~ + (1−β) g²
             torch._foreach_lerp_(m, g, 1.0 - beta)
             if rule.needs_second_moment:
                 torch._foreach_mul_(v, beta)
@@ -479,7 +479,7 @@ def dissected_adam(
     fused: bool = False,
     tile_numel: Optional[int] = CPU_TILE_NUMEL,
 ) -> None:
-    """One in-place step of the family member ``rule`` on a list of tensors (SPEC §1).
+    """One in-place step of the family member ``rule`` on a list of tensors (docs/algorithm.md §1).
 
     ``steps[i]`` is the 1-based step number k of tensor i *including* this step.
     ``exp_avg_sqs`` holds ``None`` entries for rules without variance adaptation.

@@ -1,4 +1,4 @@
-"""The paper's optimizers as ``torch.optim.Optimizer`` subclasses (SPEC §1).
+"""The paper's optimizers as ``torch.optim.Optimizer`` subclasses (docs/algorithm.md §1).
 
 All four share :class:`DissectedOptimizer`; each subclass only fixes the two switches of
 :class:`~lightning_msvag.functional.UpdateRule` (sign, variance adaptation) and SVAG's
@@ -245,7 +245,7 @@ class _VarianceAdapted(DissectedOptimizer):
 
 
 class MSGD(DissectedOptimizer):
-    """M-SGD: momentum SGD with bias-corrected moving average, θ ← θ − α m (SPEC §1).
+    """M-SGD: momentum SGD with bias-corrected moving average, θ ← θ − α m (docs/algorithm.md §1).
 
     ``MSGD(params, lr, beta=0.9)``. Note the (1−β) weighting and the bias correction:
     α here corresponds to α/(1−β) of ``torch.optim.SGD(momentum=β)`` in the long run.
@@ -255,7 +255,7 @@ class MSGD(DissectedOptimizer):
 
 
 class MSSD(DissectedOptimizer):
-    """M-SSD: stochastic sign descent on the momentum, θ ← θ − α sign(m~) (SPEC §1).
+    """M-SSD: stochastic sign descent on the momentum, θ ← θ − α sign(m~) (docs/algorithm.md §1).
 
     sign(0) = 0: a coordinate whose moving average is exactly zero does not move.
     """
@@ -266,7 +266,7 @@ class MSSD(DissectedOptimizer):
 class MSVAG(_VarianceAdapted):
     """M-SVAG: variance-adapted momentum SGD, θ ← θ − α γ ⊙ m with γ = m²/(m² + ρ s).
 
-    Paper Alg. 2 / SPEC §1. The first step (k = 1) is an SGD step α g; γ ∈ [0, 1], and
+    Paper Alg. 2 / docs/algorithm.md §1. The first step (k = 1) is an SGD step α g; γ ∈ [0, 1], and
     γ = 0 (no update) where m = v = 0. Two buffers per parameter.
     """
 
@@ -276,7 +276,7 @@ class MSVAG(_VarianceAdapted):
 class SVAG(_VarianceAdapted):
     """SVAG: variance adaptation on the raw gradient, θ ← θ − α γ ⊙ g, γ = m²/(m² + s).
 
-    SPEC §1. Two buffers per parameter.
+    docs/algorithm.md §1. Two buffers per parameter.
     """
 
     rule = UpdateRule(direction="gradient", sign=False, variance_adaptation=True)

@@ -15,7 +15,7 @@ from .optimizers import MSGD, MSSD, MSVAG, SVAG
 
 
 def _paper_adam(params: Iterable, lr: float = 1e-3, **kwargs) -> torch.optim.Adam:
-    """torch.optim.Adam with the paper's settings: β1 = 0.9, β2 = 0.999, ε = 1e-8 (SPEC §1)."""
+    """torch.optim.Adam with the paper's settings: β1 = 0.9, β2 = 0.999, ε = 1e-8 (docs/algorithm.md §1)."""
     kwargs.setdefault("betas", (0.9, 0.999))
     kwargs.setdefault("eps", 1e-8)
     return torch.optim.Adam(params, lr=lr, **kwargs)

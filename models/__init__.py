@@ -1,4 +1,4 @@
-"""LightningModules for the four test problems of "Dissecting Adam" (SPEC §3, as DeepOBS defines them).
+"""LightningModules for the four test problems of "Dissecting Adam" (docs/problems.md, as DeepOBS defines them).
 
 =====================  ==================  ============  ===================
 DeepOBS problem        class               parameters    default wd

@@ -1,4 +1,4 @@
-"""Shared LightningModule behaviour of the four test problems (SPEC §3).
+"""Shared LightningModule behaviour of the four test problems (docs/problems.md).
 
 DeepOBS (TensorFlow) defines every test problem by per-example losses, an L2
 ``regularizer`` (``tf.losses.get_regularization_loss()``) and an accuracy, and
@@ -24,12 +24,12 @@ EVAL_SPLITS: tuple[str, ...] = ("train_eval", "test")
 
 
 class ClassificationProblem(pl.LightningModule):
-    """Base class: cross-entropy + L2 objective, accuracy metrics and logging (SPEC §3, DeepOBS).
+    """Base class: cross-entropy + L2 objective, accuracy metrics and logging (docs/problems.md, DeepOBS).
 
     **Objective.** ``loss = mean cross-entropy + Σ (weight_decay / 2) · ‖W‖²`` where
     the sum runs over the weights of the ``nn.Conv2d`` and ``nn.Linear`` layers
-    only — never biases, batch-norm scale/shift, embeddings or LSTM kernels (SPEC
-    §3: "conv/linear weights only"; this is DeepOBS's
+    only — never biases, batch-norm scale/shift, embeddings or LSTM kernels
+    (docs/problems.md: "conv/linear weights only"; this is DeepOBS's
     ``kernel_regularizer=l2_regularizer(wd)`` = ``wd · ‖W‖² / 2`` per layer). The
     layers are collected once, when the subclass calls :meth:`_collect_l2_modules`
     at the end of its ``__init__``; each step only reads their ``.weight``

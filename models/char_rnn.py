@@ -1,4 +1,4 @@
-"""P4 ``tolstoi_char_rnn``: two-layer character LSTM (SPEC §3; DeepOBS ``tolstoi_char_rnn.py``)."""
+"""P4 ``tolstoi_char_rnn``: two-layer character LSTM (docs/problems.md; DeepOBS ``tolstoi_char_rnn.py``)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class TFLSTMLayer(nn.Module):
 
 
 class CharLSTM(ClassificationProblem):
-    """P4 ``tolstoi_char_rnn``: 2-layer character LSTM on War and Peace (SPEC §3, DeepOBS).
+    """P4 ``tolstoi_char_rnn``: 2-layer character LSTM on War and Peace (docs/problems.md, DeepOBS).
 
     ``embedding(83→128)``; two :class:`TFLSTMLayer` of 128 units (TF
     ``LSTMCell``, forget bias +1), each wrapped like TF's

@@ -1,4 +1,4 @@
-"""P1 ``fmnist_2c2d`` and P2 ``cifar10_3c3d`` (SPEC §3; DeepOBS ``_2c2d.py`` / ``_3c3d.py``)."""
+"""P1 ``fmnist_2c2d`` and P2 ``cifar10_3c3d`` (docs/problems.md; DeepOBS ``_2c2d.py`` / ``_3c3d.py``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ __all__ = ["TwoC2D", "ThreeC3D"]
 
 
 class TwoC2D(ClassificationProblem):
-    """P1 ``fmnist_2c2d``: two conv + two dense layers for 28×28×1 Fashion-MNIST (SPEC §3, DeepOBS ``_2c2d``).
+    """P1 ``fmnist_2c2d``: two conv + two dense layers for 28×28×1 Fashion-MNIST (docs/problems.md, DeepOBS ``_2c2d``).
 
     ``conv5x5(1→32, same)+ReLU, maxpool 2/2 same, conv5x5(32→64, same)+ReLU,
     maxpool 2/2 same, fc(3136→1024)+ReLU, fc(1024→10)``; 3,274,634 parameters.
@@ -55,7 +55,7 @@ class TwoC2D(ClassificationProblem):
 
 
 class ThreeC3D(ClassificationProblem):
-    """P2 ``cifar10_3c3d``: three conv + three dense layers for 32×32×3 CIFAR-10 (SPEC §3, DeepOBS ``_3c3d``).
+    """P2 ``cifar10_3c3d``: three conv + three dense layers for 32×32×3 CIFAR-10 (docs/problems.md, DeepOBS ``_3c3d``).
 
     ``conv5x5(3→64, valid)+ReLU, maxpool 3/2 same, conv3x3(64→96, valid)+ReLU,
     maxpool 3/2 same, conv3x3(96→128, same)+ReLU, maxpool 3/2 same,
@@ -69,10 +69,10 @@ class ThreeC3D(ClassificationProblem):
 
     **Initialisation.** DeepOBS's code (TF ``_3c3d.py`` and its own PyTorch port)
     initialises the *conv* kernels with ``glorot_normal`` and the *dense* kernels
-    with ``glorot_uniform``, biases 0. SPEC §3 says "Glorot-uniform weights";
-    the default here follows the DeepOBS code (``conv_init="glorot_normal"``,
-    TF's truncated-normal variant); pass ``conv_init="glorot_uniform"`` for the
-    SPEC's literal reading. Dense kernels are Glorot-uniform either way.
+    with ``glorot_uniform``, biases 0. The default follows that code
+    (``conv_init="glorot_normal"``, TF1's truncated-normal variant, docs/problems.md P2);
+    ``conv_init="glorot_uniform"`` gives Glorot-uniform convs instead. Dense kernels are
+    Glorot-uniform either way.
 
     Args:
         num_classes: number of outputs (10 for CIFAR-10).

@@ -1,6 +1,6 @@
 """TensorFlow-compatibility helpers: "SAME" padding and TF initialisers.
 
-The test problems of SPEC §3 are defined by DeepOBS in TensorFlow. Two TF
+The test problems of docs/problems.md are defined by DeepOBS in TensorFlow. Two TF
 conventions have no direct PyTorch equivalent and are reproduced here:
 
 * **"SAME" padding.** TF pads so that ``out = ceil(in / stride)`` and, when the

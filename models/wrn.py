@@ -1,4 +1,4 @@
-"""P3 ``cifar100_wrn404``: pre-activation Wide ResNet 40-4 (SPEC §3; DeepOBS ``_wrn.py``)."""
+"""P3 ``cifar100_wrn404``: pre-activation Wide ResNet 40-4 (docs/problems.md; DeepOBS ``_wrn.py``)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _conv3x3(in_channels: int, out_channels: int, stride: int) -> nn.Conv2d:
 
 
 class PreActResidualUnit(nn.Module):
-    """One pre-activation residual unit of DeepOBS's WRN (SPEC §3).
+    """One pre-activation residual unit of DeepOBS's WRN (docs/problems.md).
 
     Residual branch ``BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3``. Shortcut as in
     DeepOBS ``_wrn.py``:
@@ -73,7 +73,7 @@ class PreActResidualUnit(nn.Module):
 
 
 class WideResNet404(ClassificationProblem):
-    """P3 ``cifar100_wrn404``: pre-activation Wide ResNet 40-4 for CIFAR-100 (SPEC §3, DeepOBS ``_wrn``).
+    """P3 ``cifar100_wrn404``: pre-activation Wide ResNet 40-4 for CIFAR-100 (docs/problems.md, DeepOBS ``_wrn``).
 
     ``conv3x3(3→16)``; three groups of ``(depth − 4) / 6`` = 6
     :class:`PreActResidualUnit` with ``16·width, 32·width, 64·width`` = 64/128/256

@@ -1,6 +1,6 @@
-"""An independent NumPy transcription of SPEC §1, written from the formulas, not the code.
+"""An independent NumPy transcription of docs/algorithm.md §1, written from the formulas, not the code.
 
-Every quantity is computed literally as SPEC states it (m, v, ρ with its cap, s, γ with the
+Every quantity is computed literally as docs/algorithm.md §1 states it (m, v, ρ with its cap, s, γ with the
 clip and the NaN rule), in float64, one parameter tensor at a time.
 """
 

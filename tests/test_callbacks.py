@@ -90,7 +90,7 @@ def test_statistics_match_the_optimizer_and_numpy(cls, direction):
             # exact quantile up to one fine bin (1e-3) and one order statistic (small tensors)
             lo, hi = np.quantile(g, [max(q - 1.0 / g.size, 0), min(q + 1.0 / g.size, 1)])
             assert lo - 1e-3 - 1e-6 <= scalars[f"gamma/{name}/{stat}"] <= hi + 1e-3 + 1e-6
-        # η̂² = s/m² from the state, and γ is the monotone image of η̂² (SPEC §1)
+        # η̂² = s/m² from the state, and γ is the monotone image of η̂² (docs/algorithm.md §1)
         st = opt.state[p]
         k = int(st["step"])
         bc, rho = bias_correction(0.9, k), variance_ratio(0.9, k)

@@ -1,4 +1,4 @@
-"""Tests for ``models/``: the four SPEC §3 test problems as LightningModules."""
+"""Tests for ``models/``: the four docs/problems.md test problems as LightningModules."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The optimizer family against an independent NumPy transcription of SPEC §1."""
+"""The optimizer family against an independent NumPy transcription of docs/algorithm.md §1."""
 
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def test_rho_reference_values():
     for k, value in expected.items():
         assert variance_ratio(0.9, k) == pytest.approx(value, abs=5e-5), k
         assert rho(0.9, k) == pytest.approx(value, abs=5e-5)
-        # the two forms of SPEC agree
+        # the two forms of ρ in docs/algorithm.md §1 agree
         assert rho_reference_form(0.9, k) == pytest.approx(variance_ratio(0.9, k), rel=1e-12)
     assert variance_ratio(0.9, 10**6) == pytest.approx((1 - 0.9) / (1 + 0.9), rel=1e-9)
     assert variance_ratio(0.0, 5) == 0.9999  # β = 0: ρ = 1, capped
@@ -358,7 +358,7 @@ def test_noisy_quadratic_convergence_and_gamma_shrinks_with_noise():
 
 
 def test_gamma_matches_lemma_1_for_iid_gradients():
-    """For i.i.d. g ~ N(μ, σ²) and large k, γ → μ²/(μ² + ρ∞ σ²) on average (SPEC §1, Lemma 1)."""
+    """For i.i.d. g ~ N(μ, σ²) and large k, γ → μ²/(μ² + ρ∞ σ²) on average (docs/algorithm.md §1, Lemma 1)."""
     gen = torch.Generator().manual_seed(0)
     n, mu, sigma = 20000, 1.0, 2.0
     p = torch.nn.Parameter(torch.zeros(n, dtype=torch.float64))

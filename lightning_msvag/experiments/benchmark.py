@@ -1,4 +1,4 @@
-r"""``reproduce benchmark`` — the paper's §6 protocol on any problem config (SPEC §4).
+r"""``reproduce benchmark`` — the paper's §6 protocol on any problem config (docs/problems.md §5).
 
 For each method: run a log-spaced step-size grid (user-set, largest first: the search goes
 downwards from the largest stable step size), pick the step size with the best final test
@@ -39,7 +39,7 @@ same for all processes. Each run may itself use several devices:
     # then the same for --phase replicate, then:
     lightning-msvag reproduce benchmark --out OUT --config C ... --collect-only
 
-**Step-size grids.** ``--grid METHOD=SPEC`` (repeatable): ``SPEC`` is ``lo:hi:n`` (``n`` log-spaced
+**Step-size grids.** ``--grid METHOD=GRID`` (repeatable): ``GRID`` is ``lo:hi:n`` (``n`` log-spaced
 values from ``lo`` to ``hi``) or a comma list ``0.1,0.3,1``. ``--patience P`` (> 0) stops a method's
 downward search once ``P`` consecutive stable step sizes below the best one did not beat it (the
 rest are recorded as ``skipped``); it applies when the search phase runs in one invocation.
@@ -142,7 +142,7 @@ def _grids(args: argparse.Namespace) -> Dict[str, List[float]]:
     given: Dict[str, str] = {}
     for item in args.grid or []:
         if "=" not in item:
-            raise ValueError(f"--grid expects METHOD=SPEC, got {item!r}")
+            raise ValueError(f"--grid expects METHOD=GRID, got {item!r}")
         method, spec = item.split("=", 1)
         method = method.strip().lower()
         if method not in METHOD_CLASSES:
@@ -762,7 +762,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", help="data folder passed as --data.init_args.data_dir")
     g.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHOD_CLASSES),
                    help="methods to compare (default: m-sgd m-ssd m-svag adam)")
-    g.add_argument("--grid", action="append", metavar="METHOD=SPEC",
+    g.add_argument("--grid", action="append", metavar="METHOD=GRID",
                    help="step-size grid of a method: 'lo:hi:n' (log-spaced) or 'a,b,c'; repeatable. Defaults: "
                         + ", ".join(f"{m}={v}" for m, v in DEFAULT_GRIDS.items()))
     g.add_argument("--num-seeds", type=int, default=10,

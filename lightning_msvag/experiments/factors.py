@@ -1,6 +1,6 @@
 """``reproduce factors`` — paper Fig. 3: variance adaptation factors as functions of the relative variance.
 
-With η² = σ²/∇L² the relative variance of one gradient coordinate (SPEC §1):
+With η² = σ²/∇L² the relative variance of one gradient coordinate (docs/algorithm.md §1):
 
 * ``erf(1/(√2 η))`` — the optimal factor for a *sign* update, 2 P[sign correct] − 1 (SSD, M-SSD);
 * ``(1 + η²)^(−1/2)`` — the factor Adam implicitly applies: m/√v = sign(m)·|m|/√v and

@@ -1,6 +1,6 @@
 r"""``reproduce sqp`` — paper Fig. 2 and §2.1: SGD vs. SSD on stochastic quadratic problems.
 
-**Problem** (SPEC §2). ``ℓ(θ; x) = ½ (θ − x)ᵀ Q (θ − x)`` with ``x ~ N(x*, ν² I)``, so the
+**Problem** (docs/algorithm.md §2). ``ℓ(θ; x) = ½ (θ − x)ᵀ Q (θ − x)`` with ``x ~ N(x*, ν² I)``, so the
 stochastic gradient is ``g = Q(θ − x) ~ N(∇L, ν² QQ)`` with ``∇L = Q(θ − x*)``, and
 ``L(θ) = ½ (θ − x*)ᵀ Q (θ − x*) + ν²/2 · tr(Q)``. Dimension ``d`` (paper: 100). Spectra:
 *well-conditioned* — eigenvalues i.i.d. uniform on [0.1, 1.1]; *ill-conditioned* — 90 %
@@ -71,13 +71,13 @@ from ._common import prepare_out, write_csv, write_json
 from .plotting import method_color, method_style, new_figure, save_figure
 
 __all__ = [
-    "SPECTRA", "BASES", "NOISES", "METHODS",
+    "CONDITIONINGS", "BASES", "NOISES", "METHODS",
     "eigenvalues", "random_rotation", "make_matrix", "pdiag",
     "improvement_quantities", "sign_mean", "sign_second_moment", "bivariate_orthant",
     "sgd_optimal_step", "ssd_optimal_step", "run_method", "add_arguments", "run",
 ]
 
-SPECTRA = ("well-conditioned", "ill-conditioned")
+CONDITIONINGS = ("well-conditioned", "ill-conditioned")
 BASES = ("axis-aligned", "rotated")
 NOISES = (0.0, 0.1, 4.0)
 METHODS = ("sgd", "ssd")
@@ -88,14 +88,14 @@ _erf = np.vectorize(math.erf, otypes=[float])
 
 # ----------------------------------------------------------------------------- problems
 def eigenvalues(spectrum: str, d: int, rng: np.random.Generator) -> np.ndarray:
-    """Eigenvalues of the two spectra of SPEC §2 (drawn i.i.d., returned sorted ascending)."""
+    """Eigenvalues of the two spectra of docs/algorithm.md §2 (drawn i.i.d., returned sorted ascending)."""
     if spectrum == "well-conditioned":
         lam = rng.uniform(0.1, 1.1, size=d)
     elif spectrum == "ill-conditioned":
         n_large = int(round(0.1 * d))
         lam = np.concatenate([rng.uniform(0.0, 1.0, size=d - n_large), rng.uniform(30.0, 60.0, size=n_large)])
     else:
-        raise ValueError(f"unknown spectrum {spectrum!r}; known: {', '.join(SPECTRA)}")
+        raise ValueError(f"unknown spectrum {spectrum!r}; known: {', '.join(CONDITIONINGS)}")
     return np.sort(lam)
 
 
@@ -308,7 +308,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     matrices: Dict[Tuple[str, str], np.ndarray] = {}
     matrix_info: Dict[str, Any] = {}
     probe = np.random.default_rng([args.seed, 3]).standard_normal((args.probe_points, d))
-    for si, spectrum in enumerate(SPECTRA):
+    for si, spectrum in enumerate(CONDITIONINGS):
         lam = eigenvalues(spectrum, d, np.random.default_rng([args.seed, 1, si]))
         for bi, basis in enumerate(BASES):
             q = make_matrix(lam, basis, np.random.default_rng([args.seed, 2, si, bi]))
@@ -332,7 +332,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     curves: Dict[Tuple[str, str, float, str], np.ndarray] = {}
     run_rows: List[tuple] = []
-    for si, spectrum in enumerate(SPECTRA):
+    for si, spectrum in enumerate(CONDITIONINGS):
         for bi, basis in enumerate(BASES):
             q = matrices[spectrum, basis]
             for ni, nu in enumerate(noises):
@@ -357,7 +357,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     # Final loss: mean over repeats of the mean over the last 10 % of iterates (smooths the noise).
     tail = max(1, int(round(0.1 * args.steps)))
     panels = {}
-    for spectrum in SPECTRA:
+    for spectrum in CONDITIONINGS:
         for basis in BASES:
             for nu in noises:
                 final = {m: float(curves[spectrum, basis, nu, m][:, -tail:].mean()) for m in METHODS}
@@ -390,7 +390,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _plot(curves, noises, args, path) -> None:
-    rows = [(s, b) for s in SPECTRA for b in BASES]
+    rows = [(s, b) for s in CONDITIONINGS for b in BASES]
     fig, axes = new_figure(len(rows), len(noises), width=3.9, height=2.9, sharex=True)
     steps = np.arange(args.steps + 1)
     for r, (spectrum, basis) in enumerate(rows):

@@ -11,7 +11,7 @@ unique ones, and row ``i`` of ``X sign(Xᵀy)`` is ``y_i + 2 + y_i · (#unique o
 
     X sign(Xᵀy) = c y   with   c = 4        (checked numerically and reported as "c", "residual")
 
-**Lemma 2/3** (SPEC §2). For ``R(θ) = ‖Xθ − y‖² / (2n)`` started at ``θ0 = 0``, every iterate
+**Lemma 2/3** (docs/algorithm.md §2). For ``R(θ) = ‖Xθ − y‖² / (2n)`` started at ``θ0 = 0``, every iterate
 of full-batch sign descent, M-SSD and Adam is a multiple of ``sign(Xᵀy)``: with ``θ = λ s``
 the gradient is ``(λc − 1) Xᵀy / n``, whose sign is ``±s``, and Adam's ``m / √v`` of gradients
 all ∝ ``Xᵀy`` is ``∝ s`` (exactly for ε = 0; ε = 1e-8 perturbs it by ~1e-8 relative). Gradient
