@@ -1,11 +1,11 @@
 """lightning-msvag: the optimizers of "Dissecting Adam" (Balles & Hennig, ICML 2018).
 
-M-SGD, M-SSD, M-SVAG and SVAG as ``torch.optim.Optimizer`` subclasses, a name registry,
+M-SGD, M-SSD, M-SVAG, SVAG and SSD as ``torch.optim.Optimizer`` subclasses, a name registry,
 and (in submodules) PyTorch Lightning callbacks and a CLI. See docs/algorithm.md for the formulas.
 """
 
 from .functional import UpdateRule, bias_correction, variance_adaptation_factor, variance_ratio
-from .optimizers import MSGD, MSSD, MSVAG, SVAG, DissectedOptimizer
+from .optimizers import MSGD, MSSD, MSVAG, SSD, SVAG, DissectedOptimizer
 from .registry import available_optimizers, build_optimizer
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "MSSD",
     "MSVAG",
     "SVAG",
+    "SSD",
     "DissectedOptimizer",
     "UpdateRule",
     "VarianceAdaptationMonitor",

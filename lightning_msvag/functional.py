@@ -11,58 +11,70 @@ M-SGD      momentum     no     no
 M-SSD      momentum     yes    no
 M-SVAG     momentum     no     yes
 SVAG       gradient     no     yes
+SSD        gradient     yes    no     (no moving average at all)
 =========  ===========  =====  ===================
 
 (Adam is momentum + sign + variance adaptation; the project uses ``torch.optim.Adam`` for it.)
 
-Two execution paths, as in ``torch.optim``: a single-tensor path (a loop over tensors) and a
-multi-tensor path (``torch._foreach_*`` over lists). They compute the same numbers.
+One definition of the math
+--------------------------
+:func:`_update_math` is the only place where the update is written: the moment estimator,
+the direction (m~, g or their sign), γ and the parameter update. It is written against a
+small set of elementwise operations (``ops``), and every path runs *that* function:
 
-On CPU, both paths work on *tiles*: flat slices of at most :data:`CPU_TILE_NUMEL` elements.
-Each tile is read from memory once, all the arithmetic (about ten elementwise operations
-for M-SVAG) happens while the tile sits in cache, and each buffer is written back once. A
-step then moves the minimum of 7 floats per parameter (read g, θ, m~, v~; write θ, m~, v~),
-the same as torch's fused Adam, instead of one memory pass per operation. On CUDA the
-tensors are processed whole (kernel launches, not memory passes, are the cost there).
+* single-tensor path (``foreach=False``): ``ops`` are in-place torch ops on one tensor (or
+  one CPU tile of it). With ``tile_numel=None`` this is the plain, untiled reference path.
+* multi-tensor path (``foreach=True``): ``ops`` are ``torch._foreach_*`` ops over lists;
+  the default on CUDA.
+* fused CPU kernel (``fused=True``, the default on CPU): ``ops`` emit C++ expressions;
+  :mod:`lightning_msvag._cpu_kernel` traces :func:`_update_math` once per rule of
+  :data:`RULES` into a multi-tensor C++ kernel (one call per param group: ``at::parallel_for``
+  over the concatenated index space of all its tensors, each element read once and written
+  once; the same traffic as torch's fused Adam: read g, θ, m~, v~, write θ, m~, v~, and no
+  temporaries). The kernel is compiled once per machine and version (about 1-3 s with the
+  system C++ compiler), cached on disk under ``$LIGHTNING_MSVAG_CACHE`` or
+  ``~/.cache/lightning_msvag`` behind a file lock (safe when several DDP ranks start at
+  once), announced in one line when it is built. Where no compiler exists (or the build
+  fails) one warning is raised and the multi-tensor path is used.
 
-A third path, *fused* (the default on CPU wherever torch.compile and a C++ compiler are
-available), runs each large tensor (>= :data:`FUSED_MIN_NUMEL` elements) through one
-``torch.compile``-generated C++ loop that does the whole update per element, as torch's
-fused Adam does; smaller tensors are gathered into flat buffers and updated by one call. Its compile cost is paid at
-the first step that reaches it, once per process and (rule, float64-or-not): 10-35 s on 2
-cores with a cold cache, 1-3 s when inductor's on-disk cache (``/tmp/torchinductor_$USER``)
-already holds the kernel.
+The scalars (bias correction, ρ, the coefficients of γ, the step size) are computed in
+Python, once per (step, group), by :func:`_coefficients`; every path uses them.
+
+16-bit parameters (float16, bfloat16): every path computes the step in float32 from the
+16-bit values of θ, g, m~, v~ and rounds θ, m~, v~ to the parameter dtype once at the end
+(round to nearest even). float64 computes in float64, float32 in float32.
+
+On CPU the single- and multi-tensor paths work on *tiles*: flat slices of at most
+:data:`CPU_TILE_NUMEL` elements, so that their many memory passes hit cache.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import shutil
-import types
-import warnings
+import operator
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "UpdateRule",
+    "RULES",
     "RHO_CAP",
     "CPU_TILE_NUMEL",
     "bias_correction",
     "variance_ratio",
     "variance_adaptation_factor",
     "dissected_adam",
+    "fused_path_available",
 ]
 
 #: Cap on ρ from the authors' reference code: at k = 1, ρ = 1 and 1/(1−ρ) would be infinite.
 RHO_CAP = 0.9999
 
-#: Elements per tile on CPU. 2**20 float32 values are 4 MiB per buffer: the six live
-#: buffers of an M-SVAG tile (θ, g, m~, v~ and two temporaries) stay in a 32 MiB L3 cache.
-#: Smaller tiles measured slower (more, shorter parallel regions); see benchmarks/.
+#: Elements per tile on CPU (single- and multi-tensor paths). 2**20 float32 values are
+#: 4 MiB per buffer: the live buffers of an M-SVAG tile stay in a 32 MiB L3 cache.
 CPU_TILE_NUMEL = 2**20
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -70,12 +82,13 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class UpdateRule:
-    """One member of the 2×2 family (paper Fig. 1), plus SVAG's choice of direction.
+    """One member of the family (paper Fig. 1), plus the choice of direction.
 
     Args:
         direction: ``"momentum"`` updates along the bias-corrected moving average m,
-            ``"gradient"`` along the raw stochastic gradient g (SVAG).
-        sign: update along sign(m~) instead of m (sign descent; no magnitude).
+            ``"gradient"`` along the raw stochastic gradient g (SVAG, SSD).
+        sign: update along the sign of the direction (sign descent; no magnitude):
+            sign(m~) for M-SSD, sign(g) for SSD.
         variance_adaptation: scale each coordinate by the factor
             γ = m² / (m² + var), with var the estimated variance of the update direction
             (paper Lemma 1, docs/algorithm.md §1).
@@ -93,12 +106,25 @@ class UpdateRule:
                 "sign + variance adaptation is Adam: use torch.optim.Adam "
                 "(lightning_msvag.build_optimizer('adam', ...))"
             )
-        if self.sign and self.direction != "momentum":
-            raise ValueError("the sign update is defined on the momentum (M-SSD)")
+
+    @property
+    def needs_first_moment(self) -> bool:
+        """m~ is the direction (momentum) or feeds γ (variance adaptation)."""
+        return self.direction == "momentum" or self.variance_adaptation
 
     @property
     def needs_second_moment(self) -> bool:
         return self.variance_adaptation
+
+
+#: Every valid rule, in a fixed order (the C++ kernel is generated for each of them).
+RULES = tuple(
+    UpdateRule(direction, sign, va)
+    for direction in ("momentum", "gradient")
+    for sign in (False, True)
+    for va in (False, True)
+    if not (sign and va)
+)
 
 
 def bias_correction(beta: float, step: int) -> float:
@@ -120,6 +146,23 @@ def variance_ratio(beta: float, step: int) -> float:
     return min(rho, RHO_CAP)
 
 
+class Coefficients(NamedTuple):
+    """The scalars of one step (same for every element of every tensor of a bucket).
+
+    ``va``: this step applies γ (variance adaptation at k ≥ 2; at k = 1, s = 0 exactly so
+    γ = 1, docs/algorithm.md §1, and the step is a plain SGD step). In the generated C++
+    the numeric fields are the names of the kernel's scalar arguments instead of numbers.
+    """
+
+    grad_sign: object  # +1, or −1 for maximize
+    one_minus_beta: object
+    beta: object
+    kappa: object
+    upper: object
+    neg_scale: object
+    va: bool
+
+
 def _gamma_coefficients(rule: UpdateRule, beta: float, step: int):
     """Scalars that turn raw buffers into γ without materialising m, v or s.
 
@@ -129,7 +172,7 @@ def _gamma_coefficients(rule: UpdateRule, beta: float, step: int):
 
         γ = λ · m~² / (v~ + κ m~²),   λ = 1/(r bc),   κ = (1 − r)/(r bc).
 
-    Returns (κ, upper = 1/λ): the kernels compute γ' = m~²/(v~ + κ m~²) clipped to
+    Returns (κ, upper = 1/λ): the paths compute γ' = m~²/(v~ + κ m~²) clipped to
     [0, upper], which is γ/λ clipped to γ ∈ [0, 1].
     """
     rho = variance_ratio(beta, step)
@@ -140,39 +183,113 @@ def _gamma_coefficients(rule: UpdateRule, beta: float, step: int):
     return kappa, upper
 
 
-def _scaled_gamma(exp_avg: Tensor, exp_avg_sq: Tensor, kappa: float, upper: float) -> Tensor:
-    """γ' = clip(m~² / (v~ + κ m~²), 0, upper), a new tensor (single-tensor form).
+def _coefficients(rule: UpdateRule, lr: float, beta: float, step: int, maximize: bool) -> Coefficients:
+    """All scalars of step ``step`` (1-based), for every path."""
+    va = rule.variance_adaptation and step > 1  # at k = 1, γ = 1 exactly (docs/algorithm.md §1)
+    kappa, upper = _gamma_coefficients(rule, beta, step) if va else (0.0, 1.0)
+    if rule.sign:
+        scale = lr  # θ ← θ − α sign(·): the sign needs no bias correction
+    elif rule.direction == "momentum":
+        scale = lr / bias_correction(beta, step)  # m = m~ / bc
+    else:
+        scale = lr
+    if va:
+        scale /= upper  # γ = γ' / upper
+    return Coefficients(-1.0 if maximize else 1.0, 1.0 - beta, beta, kappa, upper, -scale, va)
 
-    The denominator gets the smallest normal number of its dtype added: where m = v = 0 the
-    quotient 0/0 would be NaN, and docs/algorithm.md §1 wants γ = 0 there (no update). Any denominator
-    above ~1e-31 (float32) is unchanged by that addition, so elsewhere γ is exact.
+
+# --------------------------------------------------------------------------------------
+# The one definition of the update
+# --------------------------------------------------------------------------------------
+
+
+def _gamma_math(ops, m, v, kappa, upper):
+    """γ' = clip(m~² / (v~ + κ m~² + tiny), 0, upper) (see :func:`_gamma_coefficients`).
+
+    ``tiny`` is the smallest normal number of the compute dtype: where m = v = 0 the
+    quotient 0/0 would be NaN, and docs/algorithm.md §1 wants γ = 0 there (no update); any
+    denominator above ~1e-31 (float32) is unchanged by it. The lower clip at 0 applies to
+    every dtype: v~·bc ≥ m~² holds exactly but round-off can undercut it.
     """
-    if exp_avg.dtype in _LOW_PRECISION:  # γ in float32: bf16 has 8 mantissa bits
-        exp_avg, exp_avg_sq = exp_avg.float(), exp_avg_sq.float()
-    numerator = exp_avg * exp_avg
-    denominator = torch.add(exp_avg_sq, numerator, alpha=kappa)
-    denominator.add_(torch.finfo(denominator.dtype).tiny)
-    return numerator.div_(denominator).clamp_(0.0, upper)
+    a = ops.mul(m, m)
+    denominator = ops.add_scaled(v, a, kappa)
+    denominator = ops.add_scalar_(denominator, ops.tiny)
+    return ops.clamp_(ops.div_(a, denominator), 0.0, upper)
 
 
-def _scaled_gamma_foreach(
-    exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], kappa: float, upper: float
-) -> List[Tensor]:
-    """Multi-tensor twin of :func:`_scaled_gamma` (all tensors share one dtype)."""
-    low_precision = exp_avgs[0].dtype in _LOW_PRECISION
-    if low_precision:
-        exp_avgs = [t.float() for t in exp_avgs]
-        exp_avg_sqs = [t.float() for t in exp_avg_sqs]
-    numerators = torch._foreach_mul(exp_avgs, exp_avgs)
-    denominators = torch._foreach_add(exp_avg_sqs, numerators, alpha=kappa)
-    torch._foreach_add_(denominators, torch.finfo(denominators[0].dtype).tiny)
-    torch._foreach_div_(numerators, denominators)
-    if low_precision:
-        # γ ≥ 0 needs v~·bc ≥ m~² up to round-off: for k ≥ 2 the denominator exceeds
-        # m~²/(r·bc) > 0, far above float32 round-off, but 16-bit state can undercut it
-        torch._foreach_clamp_min_(numerators, 0.0)
-    torch._foreach_clamp_max_(numerators, upper)
-    return numerators
+def _update_math(rule: UpdateRule, ops, c: Coefficients, p, g, m, v):
+    """One step of ``rule`` on (θ, g, m~, v~): returns the new (θ, m~, v~).
+
+    The only definition of the update (docs/algorithm.md §1); every path runs it.
+    ``ops`` may update its arguments in place (torch paths) or return new values
+    (the C++ generator); callers use the returned values.
+    """
+    g = ops.scale_grad(g, c.grad_sign)  # maximize: ascend = descend on −g
+    if rule.needs_first_moment:
+        m = ops.lerp_(m, g, c.one_minus_beta)  # m~ ← β m~ + (1−β) g
+    if rule.needs_second_moment:
+        v = ops.ema_square_(v, g, c.beta, c.one_minus_beta)  # v~ ← β v~ + (1−β) g²
+    direction = m if rule.direction == "momentum" else g
+    if rule.sign:
+        direction = ops.sign(direction)  # sign(0) = 0: no move
+    if c.va:
+        gamma = _gamma_math(ops, m, v, c.kappa, c.upper)
+        p = ops.addcmul_(p, gamma, direction, c.neg_scale)  # θ ← θ − α γ d
+    else:
+        p = ops.add_(p, direction, c.neg_scale)  # θ ← θ − α d
+    return p, m, v
+
+
+class _TensorOps:
+    """``ops`` for :func:`_update_math` on single tensors (in place where possible)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.tiny = torch.finfo(dtype).tiny
+
+    scale_grad = staticmethod(lambda g, s: g if s == 1.0 else torch.neg(g))
+    lerp_ = staticmethod(lambda m, g, w: m.lerp_(g, w))
+    ema_square_ = staticmethod(lambda v, g, beta, w: v.mul_(beta).addcmul_(g, g, value=w))
+    sign = staticmethod(torch.sign)
+    mul = staticmethod(torch.mul)
+    add_scaled = staticmethod(lambda a, b, k: torch.add(a, b, alpha=k))
+    add_scalar_ = staticmethod(lambda a, s: a.add_(s))
+    div_ = staticmethod(lambda a, b: a.div_(b))
+    clamp_ = staticmethod(lambda x, lo, hi: x.clamp_(lo, hi))
+    addcmul_ = staticmethod(lambda p, a, b, s: p.addcmul_(a, b, value=s))
+    add_ = staticmethod(lambda p, d, s: p.add_(d, alpha=s))
+
+
+class _ForeachOps:
+    """``ops`` for :func:`_update_math` on lists of tensors (``torch._foreach_*``)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.tiny = torch.finfo(dtype).tiny
+
+    scale_grad = staticmethod(lambda g, s: g if s == 1.0 else torch._foreach_neg(g))
+    sign = staticmethod(torch._foreach_sign)
+    mul = staticmethod(torch._foreach_mul)
+    add_scaled = staticmethod(lambda a, b, k: torch._foreach_add(a, b, alpha=k))
+    div_ = staticmethod(lambda a, b: torch._foreach_div_(a, b) or a)
+    add_scalar_ = staticmethod(lambda a, s: torch._foreach_add_(a, s) or a)
+    lerp_ = staticmethod(lambda m, g, w: torch._foreach_lerp_(m, g, w) or m)
+    addcmul_ = staticmethod(lambda p, a, b, s: torch._foreach_addcmul_(p, a, b, value=s) or p)
+    add_ = staticmethod(lambda p, d, s: torch._foreach_add_(p, d, alpha=s) or p)
+
+    @staticmethod
+    def ema_square_(v, g, beta, w):
+        torch._foreach_mul_(v, beta)
+        torch._foreach_addcmul_(v, g, g, value=w)
+        return v
+
+    @staticmethod
+    def clamp_(x, lo, hi):
+        torch._foreach_clamp_min_(x, lo)
+        torch._foreach_clamp_max_(x, hi)
+        return x
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
 def variance_adaptation_factor(
@@ -184,22 +301,18 @@ def variance_adaptation_factor(
     γ = m²/(m² + s). γ ∈ [0, 1], and γ = 0 where m = v = 0. At k = 1, s = 0 exactly, so
     γ = 1 wherever m ≠ 0. Returned in float32 for 16-bit inputs, else in their dtype.
     """
-    rule = UpdateRule(direction=direction, variance_adaptation=True)
+    compute = _compute_dtype(exp_avg.dtype)
     if step == 1:
-        return (exp_avg != 0).to(torch.float32 if exp_avg.dtype in _LOW_PRECISION else exp_avg.dtype)
+        return (exp_avg != 0).to(compute)
+    rule = UpdateRule(direction=direction, variance_adaptation=True)
     kappa, upper = _gamma_coefficients(rule, beta, step)
-    return _scaled_gamma(exp_avg, exp_avg_sq, kappa, upper).div_(upper)
+    m, v = exp_avg.to(compute), exp_avg_sq.to(compute)
+    return _gamma_math(_TensorOps(compute), m, v, kappa, upper).div_(upper)
 
 
-def _update_scale(rule: UpdateRule, lr: float, beta: float, step: int) -> float:
-    """The scalar in θ ← θ − scale · (γ' ·) direction, folding bias correction and λ."""
-    if rule.sign:
-        return lr  # M-SSD: θ ← θ − α sign(m~); the sign needs no bias correction
-    scale = lr / bias_correction(beta, step) if rule.direction == "momentum" else lr
-    if rule.variance_adaptation and step > 1:
-        _, upper = _gamma_coefficients(rule, beta, step)
-        scale /= upper  # γ = γ' / upper
-    return scale
+# --------------------------------------------------------------------------------------
+# Single- and multi-tensor paths
+# --------------------------------------------------------------------------------------
 
 
 def _can_tile(tensors: Sequence[Optional[Tensor]], tile_numel: Optional[int]) -> bool:
@@ -217,38 +330,27 @@ def _flat_chunks(tensors: Sequence[Optional[Tensor]], tile_numel: int) -> Iterat
         yield tuple(None if f is None else f[start : start + tile_numel] for f in flats)
 
 
-def _single_tensor_update(
-    params: List[Tensor],
-    grads: List[Tensor],
-    exp_avgs: List[Tensor],
-    exp_avg_sqs: List[Optional[Tensor]],
-    steps: List[int],
-    *,
-    rule: UpdateRule,
-    lr: float,
-    beta: float,
-    maximize: bool,
-    tile_numel: Optional[int],
-) -> None:
+def _upcast(tensors):
+    """16-bit buffers → float32 working copies (the gradient is only read)."""
+    return [None if t is None else t.float() for t in tensors]
+
+
+def _single_tensor_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, beta, maximize, tile_numel):
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         tensors = (param, grad, exp_avg, exp_avg_sq)
         chunks = _flat_chunks(tensors, tile_numel) if _can_tile(tensors, tile_numel) else [tensors]
-        va_step = rule.variance_adaptation and step > 1  # at k = 1, γ = 1 exactly (docs/algorithm.md §1)
-        if va_step:
-            kappa, upper = _gamma_coefficients(rule, beta, step)
-        scale = _update_scale(rule, lr, beta, step)
+        c = _coefficients(rule, lr, beta, step, maximize)
+        low_precision = param.dtype in _LOW_PRECISION
+        ops = _TensorOps(_compute_dtype(param.dtype))
         for p, g, m, v in chunks:
-            if maximize:
-                g = -g
-            # Moment estimator, docs/algorithm.md §1: m~ ← β m~ + (1−β) g,  v~ ← β v~ + (1−β) g²
-            m.lerp_(g, 1.0 - beta)
-            if v is not None:
-                v.mul_(beta).addcmul_(g, g, value=1.0 - beta)
-            direction = torch.sign(m) if rule.sign else (m if rule.direction == "momentum" else g)
-            if va_step:
-                p.addcmul_(_scaled_gamma(m, v, kappa, upper), direction, value=-scale)
+            if low_precision:
+                work = _upcast((p, g, m, v))
+                new = _update_math(rule, ops, c, *work)
+                for dst, src in zip((p, m, v), new):
+                    if dst is not None:
+                        dst.copy_(src)  # one rounding to the 16-bit dtype
             else:
-                p.add_(direction, alpha=-scale)
+                _update_math(rule, ops, c, p, g, m, v)
 
 
 def _tile_groups(tensor_lists: Sequence[Sequence[Optional[Tensor]]], tile_numel: int):
@@ -275,188 +377,103 @@ def _tile_groups(tensor_lists: Sequence[Sequence[Optional[Tensor]]], tile_numel:
         yield group
 
 
-def _multi_tensor_update(
-    params: List[Tensor],
-    grads: List[Tensor],
-    exp_avgs: List[Tensor],
-    exp_avg_sqs: List[Optional[Tensor]],
-    steps: List[int],
-    *,
-    rule: UpdateRule,
-    lr: float,
-    beta: float,
-    maximize: bool,
-    tile_numel: Optional[int],
-) -> None:
+def _multi_tensor_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, beta, maximize, tile_numel):
     # foreach ops need one device, dtype and (for the scalars) step per call
     buckets: dict = {}
     for i, (p, step) in enumerate(zip(params, steps)):
         buckets.setdefault((p.device, p.dtype, step), []).append(i)
-    for (device, _, step), indices in buckets.items():
+    for (device, dtype, step), indices in buckets.items():
         lists = [[lst[i] for i in indices] for lst in (params, grads, exp_avgs, exp_avg_sqs)]
-        va_step = rule.variance_adaptation and step > 1  # at k = 1, γ = 1 exactly (docs/algorithm.md §1)
-        if va_step:
-            kappa, upper = _gamma_coefficients(rule, beta, step)
-        scale = _update_scale(rule, lr, beta, step)
+        c = _coefficients(rule, lr, beta, step, maximize)
+        ops = _ForeachOps(_compute_dtype(dtype))
         if device.type != "cpu" or tile_numel is None:
             groups = [list(zip(*lists))]  # whole tensors, one foreach call per list
         else:
             groups = _tile_groups(lists, tile_numel)
         for group in groups:
             p, g, m, v = (list(t) for t in zip(*group))
-            if maximize:
-                g = torch._foreach_neg(g)
-            # Moment estimator, docs/algorithm.md §1: m~ ← β m~ + (1−β) g,  v~ ← β v~ + (1−β) g²
-            torch._foreach_lerp_(m, g, 1.0 - beta)
-            if rule.needs_second_moment:
-                torch._foreach_mul_(v, beta)
-                torch._foreach_addcmul_(v, g, g, value=1.0 - beta)
-            direction = torch._foreach_sign(m) if rule.sign else (m if rule.direction == "momentum" else g)
-            if va_step:
-                gammas = _scaled_gamma_foreach(m, v, kappa, upper)
-                torch._foreach_addcmul_(p, gammas, direction, value=-scale)
+            m = m if rule.needs_first_moment else None
+            v = v if rule.needs_second_moment else None
+            if dtype in _LOW_PRECISION:
+                work = [None if t is None else [x.float() for x in t] for t in (p, g, m, v)]
+                new = _update_math(rule, ops, c, *work)
+                for dst, src in zip((p, m, v), new):
+                    if dst is not None:
+                        torch._foreach_copy_(dst, src)  # one rounding to the 16-bit dtype
             else:
-                torch._foreach_add_(p, direction, alpha=-scale)
+                _update_math(rule, ops, c, p, g, m, v)
 
 
-#: Tensors with fewer elements than this take the multi-tensor path even when fused: a
-#: compiled call costs ~150 µs of Python-side guards and wrappers (measured on 2 cores),
-#: which the one-pass kernel only earns back on ~10^5 elements. (At least 2: torch.compile
-#: specialises sizes 0 and 1, which would mean a second graph.)
-FUSED_MIN_NUMEL = 2**17
+# --------------------------------------------------------------------------------------
+# Fused CPU kernel (generated C++, see lightning_msvag/_cpu_kernel.py)
+# --------------------------------------------------------------------------------------
 
-_fused_kernels: dict = {}
-_fused_broken: Optional[str] = None
+#: Elements per parallel chunk of the fused CPU kernel (at::parallel_for grain size).
+KERNEL_GRAIN = 2**15
 
-
-def _make_fused_kernel(rule: UpdateRule):
-    """The whole update of one flat tensor as one elementwise function, for torch.compile.
-
-    ``scalars`` = [gradient sign (±1 for maximize), 1−β, β, κ, upper, −scale], passed as a
-    tensor so that their changing values never trigger a recompile.
-    """
-
-    def kernel(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Optional[Tensor], scalars: Tensor):
-        compute = torch.float64 if param.dtype == torch.float64 else torch.float32
-        g = grad.to(compute) * scalars[0]
-        m = exp_avg.to(compute)
-        m = m + scalars[1] * (g - m)  # m~ ← β m~ + (1−β) g
-        exp_avg.copy_(m)
-        direction = torch.sign(m) if rule.sign else (m if rule.direction == "momentum" else g)
-        if rule.variance_adaptation:
-            v = exp_avg_sq.to(compute) * scalars[2] + scalars[1] * g * g  # v~ ← β v~ + (1−β) g²
-            exp_avg_sq.copy_(v)
-            a = m * m
-            gamma = torch.clamp(a / (v + scalars[3] * a + torch.finfo(compute).tiny), min=0.0)
-            direction = torch.minimum(gamma, scalars[4]) * direction
-        param.copy_(param.to(compute) + scalars[5] * direction)
-
-    # torch.compile caches graphs per code object and caps recompiles per code object
-    # (8 by default): one code object per rule keeps the rules from sharing that budget
-    code = kernel.__code__.replace(
-        co_name=f"fused_{rule.direction}_sign{int(rule.sign)}_va{int(rule.variance_adaptation)}"
-    )
-    kernel = types.FunctionType(code, kernel.__globals__, code.co_name, kernel.__defaults__, kernel.__closure__)
-    return torch.compile(kernel, dynamic=True, fullgraph=True)
-
-
-def _flat_alias(tensor: Tensor) -> Tensor:
-    """A 1-D tensor over the same memory that is not an autograd view of ``tensor``.
-
-    torch.compile guards on a view's base (its rank and sizes), which would compile one
-    graph per parameter shape; a plain 1-D alias needs one graph per rule and dtype.
-    """
-    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
-        tensor.untyped_storage(), tensor.storage_offset(), (tensor.numel(),), (1,)
-    )
-
-
-@functools.lru_cache(maxsize=None)
-def _compiler_toolchain_present() -> bool:
-    """torch.compile supported here and a C++ compiler on PATH; fixed for the process, so
-    probed once (it is consulted on every default-path ``step()``)."""
-    try:
-        import torch._dynamo
-
-        if not torch._dynamo.is_dynamo_supported():
-            return False
-    except Exception:
-        return False
-    return any(shutil.which(cxx) for cxx in ("c++", "g++", "clang++", "cl"))
+_DTYPE = operator.attrgetter("dtype")
+_IS_CPU = operator.attrgetter("is_cpu")
 
 
 def fused_path_available() -> bool:
-    """Whether the compiled kernel can run here: torch.compile works, a C++ compiler
-    exists, and no earlier compile in this process failed."""
-    return _fused_broken is None and _compiler_toolchain_present()
+    """Whether the fused CPU kernel can run here: a C++ compiler exists (or the kernel is
+    already built and cached) and no build failed in this process. Starts no build."""
+    from . import _cpu_kernel
 
-
-def _fused_update(kernel, tensors, scalars: Tensor) -> bool:
-    """Run the compiled kernel on one (param, grad, m~, v~); False if it is unavailable."""
-    global _fused_broken
-    if _fused_broken is not None:
-        return False
-    try:
-        kernel(*(None if t is None else _flat_alias(t) for t in tensors), scalars)
-    except Exception as error:  # no C++ compiler, unsupported platform, ...
-        _fused_broken = f"{type(error).__name__}: {error}"
-        warnings.warn(
-            f"fused optimizer path unavailable ({_fused_broken}); using the multi-tensor path",
-            RuntimeWarning,
-        )
-        return False
-    return True
+    return _cpu_kernel.available()
 
 
 def _fused_cpu_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, beta, maximize, tile_numel):
-    """CPU tensors through the compiled kernel.
+    """CPU tensors through the generated C++ kernel: one call per (step, dtype) bucket.
 
-    Large tensors get a call each. Small ones (below :data:`FUSED_MIN_NUMEL`) would pay
-    more in per-call overhead than in arithmetic, so each (dtype, step) bucket of them is
-    gathered into flat buffers (``torch.cat``), updated by one call, and scattered back
-    (``torch._foreach_copy_``). What cannot go through the kernel (non-contiguous
-    tensors, the exact k = 1 step of variance adaptation, a failed compile) takes the
-    multi-tensor path.
+    Non-contiguous tensors, unsupported dtypes, and everything when the kernel cannot be
+    built (one warning per process) take the multi-tensor path.
     """
-    kernel = _fused_kernels.get(rule)
-    if kernel is None:
-        kernel = _fused_kernels[rule] = _make_fused_kernel(rule)
-    scalars_for: dict = {}  # one scalar tensor per (step, dtype), not per parameter
+    from . import _cpu_kernel
 
-    def scalars(step: int, dtype: torch.dtype) -> Tensor:
-        key = (step, dtype == torch.float64)
-        if key not in scalars_for:
-            kappa, upper = _gamma_coefficients(rule, beta, step) if rule.variance_adaptation else (0.0, 1.0)
-            scalars_for[key] = torch.tensor(
-                [-1.0 if maximize else 1.0, 1.0 - beta, beta, kappa, upper, -_update_scale(rule, lr, beta, step)],
-                dtype=torch.float64 if key[1] else torch.float32,
-            )
-        return scalars_for[key]
-
-    rest, small_buckets = [], {}
-    for i, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        step = steps[i]
-        if (rule.variance_adaptation and step == 1) or not all(  # k = 1: γ = 1 exactly
-            t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in tensors
+    kernel = _cpu_kernel.kernel()
+    if kernel is None:  # warned once
+        _multi_tensor_update(
+            params, grads, exp_avgs, exp_avg_sqs, steps,
+            rule=rule, lr=lr, beta=beta, maximize=maximize, tile_numel=tile_numel,
+        )
+        return
+    need_m, need_v = rule.needs_first_moment, rule.needs_second_moment
+    lists = [params, grads] + ([exp_avgs] if need_m else []) + ([exp_avg_sqs] if need_v else [])
+    dtypes = set(map(_DTYPE, params))
+    if (  # the common case, checked at C speed: one step count, one dtype, all CPU, contiguous
+        len(dtypes) == 1 and dtypes.pop() in _cpu_kernel.DTYPES and len(set(steps)) == 1
+        and all(all(map(_IS_CPU, lst)) and all(map(Tensor.is_contiguous, lst)) for lst in lists)
+        and all(set(map(_DTYPE, lst)) == {params[0].dtype} for lst in lists[1:])
+    ):
+        kernel(
+            rule, params[0].dtype, params, grads, exp_avgs if need_m else None, exp_avg_sqs if need_v else None,
+            _coefficients(rule, lr, beta, steps[0], maximize), KERNEL_GRAIN,
+        )
+        return
+    buckets: dict = {}
+    rest = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        m = exp_avgs[i] if need_m else None
+        v = exp_avg_sqs[i] if need_v else None
+        if (
+            p.is_cpu and g.is_cpu and p.dtype in _cpu_kernel.DTYPES and g.dtype == p.dtype
+            and p.is_contiguous() and g.is_contiguous()
+            and (m is None or (m.is_cpu and m.dtype == p.dtype and m.is_contiguous()))
+            and (v is None or (v.is_cpu and v.dtype == p.dtype and v.is_contiguous()))
         ):
+            buckets.setdefault((steps[i], p.dtype), []).append(i)
+        else:
             rest.append(i)
-        elif tensors[0].numel() < FUSED_MIN_NUMEL:
-            small_buckets.setdefault((step, tensors[0].dtype), []).append(i)
-        elif not _fused_update(kernel, tensors, scalars(step, tensors[0].dtype)):
-            rest.append(i)
-    for (step, dtype), indices in small_buckets.items():
-        lists = [[lst[i] for i in indices] for lst in (params, grads, exp_avgs, exp_avg_sqs)]
-        if sum(p.numel() for p in lists[0]) < 2:  # a size-1 flat would need its own graph
-            rest.extend(indices)
-            continue
-        flats = [None if lst[0] is None else torch.cat([t.view(-1) for t in lst]) for lst in lists]
-        if not _fused_update(kernel, flats, scalars(step, dtype)):
-            rest.extend(indices)
-            continue
-        sizes = [p.numel() for p in lists[0]]
-        for lst, flat in zip(lists, flats):  # θ, m~, v~ back into place (not g)
-            if flat is not None and lst is not lists[1]:
-                torch._foreach_copy_([t.view(-1) for t in lst], list(flat.split(sizes)))
+    for (step, dtype), indices in buckets.items():
+        kernel(
+            rule, dtype,
+            [params[i] for i in indices], [grads[i] for i in indices],
+            [exp_avgs[i] for i in indices] if need_m else None,
+            [exp_avg_sqs[i] for i in indices] if need_v else None,
+            _coefficients(rule, lr, beta, step, maximize),
+            KERNEL_GRAIN,
+        )
     if rest:
         _multi_tensor_update(
             *([lst[i] for i in rest] for lst in (params, grads, exp_avgs, exp_avg_sqs, steps)),
@@ -467,7 +484,7 @@ def _fused_cpu_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, 
 def dissected_adam(
     params: List[Tensor],
     grads: List[Tensor],
-    exp_avgs: List[Tensor],
+    exp_avgs: List[Optional[Tensor]],
     exp_avg_sqs: List[Optional[Tensor]],
     steps: List[int],
     *,
@@ -482,15 +499,24 @@ def dissected_adam(
     """One in-place step of the family member ``rule`` on a list of tensors (docs/algorithm.md §1).
 
     ``steps[i]`` is the 1-based step number k of tensor i *including* this step.
-    ``exp_avg_sqs`` holds ``None`` entries for rules without variance adaptation.
-    ``tile_numel`` sets the CPU tile size; ``None`` processes whole tensors (as on CUDA).
-    ``fused`` sends large CPU tensors through the compiled kernel (see module docstring).
+    ``exp_avgs`` / ``exp_avg_sqs`` may hold ``None`` entries where the rule keeps no first
+    / second moment. ``tile_numel`` sets the CPU tile size of the single- and multi-tensor
+    paths; ``None`` processes whole tensors (as on CUDA). ``fused`` runs the generated C++
+    kernel (CPU tensors only: a non-CPU tensor raises ``ValueError``).
     """
     if not params:
         return
     if not (math.isfinite(lr) and lr >= 0):
         raise ValueError(f"invalid learning rate {lr}")
     if fused:
+        if foreach:
+            raise ValueError("fused and foreach cannot both be True")
+        if not all(map(_IS_CPU, params)):
+            devices = {p.device.type for p in params if p.device.type != "cpu"}
+            raise ValueError(
+                f"fused=True is a CPU kernel; parameters on {sorted(devices)} cannot use it "
+                "(use foreach=True or the default)"
+            )
         update = _fused_cpu_update
     else:
         update = _multi_tensor_update if foreach else _single_tensor_update

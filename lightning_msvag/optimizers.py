@@ -34,26 +34,26 @@ from .functional import (
     UpdateRule,
     dissected_adam,
     fused_path_available,
-    variance_adaptation_factor,
 )
 
-__all__ = ["DissectedOptimizer", "MSGD", "MSSD", "MSVAG", "SVAG"]
+__all__ = ["DissectedOptimizer", "MSGD", "MSSD", "MSVAG", "SVAG", "SSD"]
 
 
 def _default_paths(params: List[Tensor], foreach: Optional[bool], fused: Optional[bool], rule: UpdateRule):
     """Resolve ``foreach=None`` / ``fused=None`` to the fastest path for these tensors.
 
-    CPU, variance adaptation (~9 elementwise operations per step): fused, the compiled
-    one-pass kernel, when torch.compile can run here; else multi-tensor. CPU, M-SGD and
-    M-SSD (3 operations, as cheap as SGD-momentum): the single-tensor path, which beats
-    the compiled calls' fixed overhead. CUDA: multi-tensor (one kernel launch per list
-    instead of per tensor). Measured in benchmarks/optimizer_step.py.
+    CPU, every rule: fused, the generated C++ multi-tensor kernel (one pass over memory,
+    one call per group), unless it cannot be built here (no C++ compiler: one warning,
+    then multi-tensor). Other devices (CUDA): multi-tensor (one kernel launch per list
+    instead of per tensor). An explicit ``foreach`` keeps ``fused=None`` off. Measured in
+    benchmarks/optimizer_step.py. (``fused=True`` with non-CPU tensors raises
+    ``ValueError`` in the step: there is no fused kernel for them.)
     """
-    on_cpu = all(p.device.type == "cpu" for p in params)
+    on_cpu = all(p.is_cpu for p in params)
     if fused is None:
-        fused = foreach is None and on_cpu and rule.variance_adaptation and fused_path_available()
+        fused = foreach is None and on_cpu and fused_path_available()
     if foreach is None:
-        foreach = not torch.jit.is_scripting() and not (on_cpu and not rule.variance_adaptation)
+        foreach = not fused and not torch.jit.is_scripting()
     return bool(foreach), bool(fused)
 
 
@@ -68,17 +68,20 @@ class DissectedOptimizer(Optimizer):
         beta: the one moving-average constant β ∈ [0, 1) used for m~ and v~ (paper: 0.9).
         maximize: ascend instead of descend (the gradient is negated).
         foreach: ``True`` multi-tensor path, ``False`` single-tensor path, ``None`` the
-            faster one for the parameters' device. All paths compute the same numbers
-            (to float round-off).
-        fused: the compiled one-pass path on CPU: tensors of at least
-            ``FUSED_MIN_NUMEL`` (2**17) elements go through one ``torch.compile``-generated
-            loop each (the whole update in one pass, like torch's fused Adam); smaller ones
-            are gathered into one call; non-CPU tensors take the multi-tensor path.
-            ``None`` (default) uses it on CPU for M-SVAG and SVAG when torch.compile and a
-            C++ compiler are available and ``foreach`` is not set (M-SGD and M-SSD are
-            faster on the single-tensor path); ``False`` never. The compile is paid once per process at the first step
-            (10-35 s on 2 cores with a cold cache, 1-3 s with inductor's on-disk cache).
-            If compiling fails, a warning is raised and the multi-tensor path is used.
+            faster one for the parameters' device (see ``fused``). All paths compute the
+            same numbers (to float round-off).
+        fused: the fused CPU kernel: one generated C++ call per param group runs the whole
+            update of every tensor in one pass over memory (read g, θ, m~, v~; write θ,
+            m~, v~; no temporaries), parallel over all elements, like torch's fused Adam
+            (:mod:`lightning_msvag._cpu_kernel`). ``None`` (default) uses it on CPU for
+            every rule unless ``foreach`` is set; other devices (CUDA) take the
+            multi-tensor path. ``True`` with non-CPU parameters raises ``ValueError``
+            (there is no fused CUDA kernel; no silent fallback). ``False`` never. The
+            kernel is compiled with the system C++ compiler once per machine and version
+            (about 1-3 s, announced in one line, cached on disk under
+            ``~/.cache/lightning_msvag`` or ``$LIGHTNING_MSVAG_CACHE``, file-locked for
+            concurrent DDP ranks); later processes only load it. Without a compiler, or
+            if the build fails, one warning is raised and the multi-tensor path is used.
         error_if_nonfinite: check the gradients before each step and raise
             ``RuntimeError`` on NaN/inf, leaving parameters and state untouched.
     """
@@ -113,9 +116,14 @@ class DissectedOptimizer(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
+        """Validate ``lr`` and ``beta`` (the group's, else the defaults) *before* adding the group:
+        a rejected group raises ``ValueError`` and leaves the optimizer unchanged."""
+        if isinstance(param_group, dict):
+            defaults = getattr(self, "defaults", {})
+            _check_hyperparameters(
+                type(self).__name__, param_group.get("lr", defaults.get("lr")), param_group.get("beta", defaults.get("beta"))
+            )
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _check_hyperparameters(type(self).__name__, group["lr"], group["beta"])
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -135,12 +143,13 @@ class DissectedOptimizer(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if self.rule.needs_first_moment:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if self.rule.needs_second_moment:
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             params.append(p)
             grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
+            exp_avgs.append(state.get("exp_avg"))
             exp_avg_sqs.append(state.get("exp_avg_sq"))
             step_tensors.append(state["step"])
         return params, grads, exp_avgs, exp_avg_sqs, step_tensors
@@ -181,8 +190,7 @@ class DissectedOptimizer(Optimizer):
         for group, (params, grads, exp_avgs, exp_avg_sqs, step_tensors) in groups:
             if not params:
                 continue
-            for step_t in step_tensors:
-                step_t += 1
+            torch._foreach_add_(step_tensors, 1.0)  # one call, not one per parameter
             foreach, fused = _default_paths(params, group["foreach"], group["fused"], self.rule)
             dissected_adam(
                 params,
@@ -209,7 +217,7 @@ class DissectedOptimizer(Optimizer):
                 state = self.state.get(p)
                 if not state:
                     continue
-                buffers = [state["exp_avg"]] + ([state["exp_avg_sq"]] if "exp_avg_sq" in state else [])
+                buffers = [state[key] for key in ("exp_avg", "exp_avg_sq") if key in state]
                 if not all(bool(torch.isfinite(b).all()) for b in buffers):
                     found.append((gi, pi))
         return found
@@ -224,24 +232,12 @@ class _VarianceAdapted(DissectedOptimizer):
 
         Computed from the state (m~, v~, step) on each call, so nothing is stored twice;
         each tensor has the parameter's shape and device, values in [0, 1] (float32 for
-        16-bit parameters). Read-only: the optimizer is not changed.
+        16-bit parameters). Read-only: the optimizer is not changed. The same walk as the
+        γ monitor's (:func:`lightning_msvag.factors.dissected_factors`).
         """
-        factors = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state or int(state["step"].item()) == 0:
-                    continue
-                factors.append(
-                    variance_adaptation_factor(
-                        state["exp_avg"],
-                        state["exp_avg_sq"],
-                        beta=group["beta"],
-                        step=int(state["step"].item()),
-                        direction=self.rule.direction,
-                    )
-                )
-        return factors
+        from .factors import dissected_factors  # factors.py imports this module
+
+        return [factor.gamma for factor in dissected_factors(self)]
 
 
 class MSGD(DissectedOptimizer):
@@ -266,7 +262,7 @@ class MSSD(DissectedOptimizer):
 class MSVAG(_VarianceAdapted):
     """M-SVAG: variance-adapted momentum SGD, θ ← θ − α γ ⊙ m with γ = m²/(m² + ρ s).
 
-    Paper Alg. 2 / docs/algorithm.md §1. The first step (k = 1) is an SGD step α g; γ ∈ [0, 1], and
+    Paper §4 (Alg. 1 and 2) / docs/algorithm.md §1. The first step (k = 1) is an SGD step α g; γ ∈ [0, 1], and
     γ = 0 (no update) where m = v = 0. Two buffers per parameter.
     """
 
@@ -280,6 +276,17 @@ class SVAG(_VarianceAdapted):
     """
 
     rule = UpdateRule(direction="gradient", sign=False, variance_adaptation=True)
+
+
+class SSD(DissectedOptimizer):
+    """SSD: stochastic sign descent on the raw gradient, θ ← θ − α sign(g) (docs/algorithm.md §1).
+
+    The paper's sign-descent baseline (Fig. 1, §2, §5): the sign of the momentum-free
+    gradient. No moving average and no buffers (``beta`` is accepted for a uniform interface
+    and has no effect); sign(0) = 0.
+    """
+
+    rule = UpdateRule(direction="gradient", sign=True, variance_adaptation=False)
 
 
 def _check_hyperparameters(name: str, lr, beta) -> None:

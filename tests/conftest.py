@@ -1,5 +1,2 @@
-import sys
-from pathlib import Path
-
-# test helpers (numpy_reference, fakes) live beside the tests
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+"""pytest configuration: ``tests`` is a package, so pytest puts the repository root on
+``sys.path`` and the helpers import as ``tests.helpers.*``."""

@@ -6,6 +6,8 @@ In-process and CPU only; the multi-process (DDP) runs are in test_ddp.py.
 from __future__ import annotations
 
 import math
+import pickle
+import random
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,11 +17,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from tests.helpers.boring import PARAMETER_NAMES, BoringModule, random_loader
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_msvag as lm
 from lightning_msvag.callbacks import VarianceAdaptationMonitor, histogram_quantiles
+from lightning_msvag.factors import adam_factors
 from lightning_msvag.functional import bias_correction, variance_adaptation_factor, variance_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,10 +134,11 @@ def test_first_step_gamma_is_one_and_zero_where_m_is_zero():
     assert scalars["gamma/weight/q90"] == pytest.approx(1.0, abs=1e-3) and scalars["gamma/weight/q10"] == pytest.approx(0.0, abs=1e-3)
 
 
-def test_large_tensor_uses_chunked_histograms(monkeypatch):
-    import lightning_msvag.callbacks as cb
+@pytest.mark.parametrize("chunk", [999, 1000, 5000])
+def test_large_tensor_uses_chunked_histograms(monkeypatch, chunk):
+    import lightning_msvag.statistics as st
 
-    monkeypatch.setattr(cb, "_HISTC_CHUNK", 1000)  # force several histc calls per tensor
+    monkeypatch.setattr(st, "HISTC_CHUNK", chunk)  # 999: five full chunks and a partial one of 5
     torch.manual_seed(1)
     model = nn.Linear(100, 50)
     opt = lm.MSVAG(model.parameters(), lr=0.05, fused=False)
@@ -141,10 +146,17 @@ def test_large_tensor_uses_chunked_histograms(monkeypatch):
         model.weight.grad = torch.randn(50, 100) + 0.5
         model.bias.grad = torch.randn(50)
         opt.step()
+    g = opt.variance_adaptation_factors()[0]
+    for bins, low, high in ((1000, 0.0, 1.0), (7, 0.2, 0.9)):
+        unchunked = torch.histc(g.flatten(), bins=bins, min=low, max=high).double()
+        assert torch.equal(st.histc_exact(g, bins, low, high), unchunked)
     scalars, hists = VarianceAdaptationMonitor().compute(model, [opt])
-    g = opt.variance_adaptation_factors()[0].flatten().numpy()
-    assert hists["gamma_hist/weight"].num == 5000
-    assert scalars["gamma/weight/median"] == pytest.approx(np.median(g), abs=1.5e-3)
+    h = hists["gamma_hist/weight"]
+    assert h.num == 5000
+    coarse = torch.histc(g.flatten(), bins=50, min=0, max=1)
+    nonzero = coarse.nonzero().flatten()
+    assert h.bucket_counts == coarse[nonzero[0] : nonzero[-1] + 1].tolist()
+    assert scalars["gamma/weight/median"] == pytest.approx(np.median(g.numpy()), abs=1.5e-3)
 
 
 def test_adam_implicit_factor():
@@ -153,7 +165,7 @@ def test_adam_implicit_factor():
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     _train(model, opt, steps=6)
     monitor = VarianceAdaptationMonitor()
-    factors = list(monitor._adam_factors(opt))
+    factors = list(adam_factors(opt))
     assert len(factors) == 4
     scalars, _ = monitor.compute(model, [opt])
     for (name, p), (q, factor, lam, power) in zip(_named(model), factors):
@@ -195,7 +207,7 @@ def test_tracked_moments_give_msvag_gamma(cls):
         assert scalars[f"gamma/{name}/mean"] == pytest.approx(gamma.mean().item(), abs=1e-6)
         assert f"gamma_hist/{name}" in hists
     # one extra buffer per parameter, nothing else
-    assert set(monitor._tracked) == set(model.parameters())
+    assert set(monitor._tracker.buffers) == set(model.parameters())
 
 
 def test_unreadable_optimizers_warn_once():
@@ -220,65 +232,92 @@ def test_argument_validation():
         VarianceAdaptationMonitor(num_bins=33)
     with pytest.raises(ValueError, match="even"):
         VarianceAdaptationMonitor(num_bins=5, quantile_bins=25)
+    with pytest.raises(ValueError, match="unknown statistics.*gamma_q25"):
+        VarianceAdaptationMonitor(statistics=["gamma_mean", "gamma_q25"])
     assert VarianceAdaptationMonitor(logging_interval=None).logging_interval is None
 
 
-def test_sharded_state_disables_with_a_clear_warning():
-    class FSDPStrategy:  # stands in for Lightning's; only the name is inspected
-        pass
+def test_statistics_picks_what_is_logged():
+    model = _mlp()
+    opt = lm.MSVAG(model.parameters(), lr=0.05, fused=False)
+    _train(model, opt, steps=3)
+    full, full_hists = VarianceAdaptationMonitor().compute(model, [opt])
+    some, hists = VarianceAdaptationMonitor(statistics=["eta2_median", "gamma_mean"]).compute(model, [opt])
+    assert hists == {} and some == {t: v for t, v in full.items() if t.endswith("/mean") or t.startswith("eta2/")}
+    assert len(full) == 6 * 5 and len(full_hists) == 5  # 4 tensors + all
 
-    stub = SimpleNamespace(strategy=FSDPStrategy(), optimizers=[], lightning_module=None, loggers=[object()])
+
+# The three ways rank zero would see only its shard; each must switch the monitor off.
+def _zero_optimizer():
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer.__new__(ZeroRedundancyOptimizer)  # the real class; no process group needed
+
+
+@pytest.fixture
+def dtensor_parameter():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        yield nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("branch", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "zero", "dtensor"])
+def test_sharded_state_disables_with_a_clear_warning(branch, request):
+    from pytorch_lightning import strategies
+
+    strategy, optimizers, module = strategies.SingleDeviceStrategy.__new__(strategies.SingleDeviceStrategy), [], None
+    if branch.endswith("Strategy"):
+        cls = getattr(strategies, branch)
+        strategy = cls.__new__(cls)  # Lightning's class (DeepSpeed itself need not be installed)
+    elif branch == "zero":
+        optimizers = [_zero_optimizer()]
+    else:
+        sharded = request.getfixturevalue("dtensor_parameter")
+        module = SimpleNamespace(parameters=lambda: [nn.Parameter(torch.ones(2)), sharded])
+    stub = SimpleNamespace(strategy=strategy, optimizers=optimizers, lightning_module=module, loggers=[object()])
     monitor = VarianceAdaptationMonitor()
-    with pytest.warns(UserWarning, match="shard"):
+    with pytest.warns(UserWarning, match="disabled: .*(shard|DTensor)"):
         monitor.on_train_start(stub, None)
     assert monitor._disabled
     stub.is_global_zero, stub.global_step = True, 50
-    monitor.on_train_batch_end(stub, None, None, None, 0)  # returns without touching anything
+    monitor.on_train_batch_end(stub, None, None, None, 0)  # returns without reading anything (stub has no more)
+
+    # and the replicated case is not flagged
+    stub = SimpleNamespace(strategy=strategies.SingleDeviceStrategy.__new__(strategies.SingleDeviceStrategy),
+                           optimizers=[torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1)],
+                           lightning_module=_mlp(), loggers=[object()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.histograms = False
+        monitor.on_train_start(stub, None)
+    assert monitor._disabled is None
 
 
 # ------------------------------------------------------------------ inside Lightning
-class TinyModule(pl.LightningModule):
-    def __init__(self, optimizer: str = "msvag"):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(6, 12), nn.Tanh())
-        self.head = nn.Linear(12, 3)
-        self.optimizer_name = optimizer
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self.head(self.body(x)), y)
-        self.log("train/loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        if self.optimizer_name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=1e-2)
-        if self.optimizer_name == "msgd":
-            return lm.MSGD(self.parameters(), lr=0.1, fused=False)
-        return lm.MSVAG(self.parameters(), lr=0.1, fused=False)
-
-
-def _loader():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(96, 6, generator=gen)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
-    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
-
-
-def _fit(tmp_path, callbacks, logger="tb", max_steps=12, optimizer="msvag", **trainer_kwargs):
+def _fit(tmp_path, callbacks, logger="tb", max_steps=12, optimizer="msvag", ckpt_path=None, model=None,
+         **trainer_kwargs):
+    """BoringModule (dropout 0.25) on a shuffled loader: 6 batches per epoch, so 12 steps are 2 epochs."""
     pl.seed_everything(0)
-    model = TinyModule(optimizer)
+    if model is None:
+        model = BoringModule(optimizer=optimizer, lr=1e-2 if optimizer == "adam" else 0.1)
     if logger == "tb":
         logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="run")
     elif logger == "csv":
         logger = pl.loggers.CSVLogger(str(tmp_path), name="run")
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, logger=logger, callbacks=callbacks,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        log_every_n_steps=trainer_kwargs.pop("log_every_n_steps", 4), default_root_dir=str(tmp_path),
-        **trainer_kwargs,
+        enable_checkpointing=trainer_kwargs.pop("enable_checkpointing", False), enable_progress_bar=False,
+        enable_model_summary=False, log_every_n_steps=trainer_kwargs.pop("log_every_n_steps", 4),
+        default_root_dir=str(tmp_path), **trainer_kwargs,
     )
-    trainer.fit(model, _loader())
+    trainer.fit(model, random_loader(), ckpt_path=ckpt_path)
     return model, trainer
 
 
@@ -291,53 +330,132 @@ def _events(log_dir):
     return files, acc
 
 
+def _rng_states():
+    torch_state = torch.get_rng_state().numpy().tobytes()
+    return torch_state, pickle.dumps(np.random.get_state()), pickle.dumps(random.getstate())
+
+
+class RNGCheckedMonitor(VarianceAdaptationMonitor):
+    """Asserts that no hook changes the torch, numpy or Python random state."""
+
+    def _checked(hook):  # noqa: N805 - a decorator in the class body
+        def wrapper(self, *args, **kwargs):
+            before = _rng_states()
+            hook(self, *args, **kwargs)
+            after = _rng_states()
+            for which, a, b in zip(("torch", "numpy", "python"), before, after):
+                assert a == b, f"{hook.__name__} changed the {which} random state"
+            self.checked_calls += 1
+
+        return wrapper
+
+    checked_calls = 0
+    on_train_start = _checked(VarianceAdaptationMonitor.on_train_start)
+    on_before_optimizer_step = _checked(VarianceAdaptationMonitor.on_before_optimizer_step)
+    on_train_batch_end = _checked(VarianceAdaptationMonitor.on_train_batch_end)
+
+
+class ComputeAtLoggingSteps(Callback):
+    """Records ``monitor.compute()`` at the monitor's logging steps (runs after it), keyed by the logged step."""
+
+    def __init__(self, monitor):
+        self.monitor, self.expected = monitor, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % self.monitor.logging_interval == 0:
+            self.expected[trainer.global_step - 1] = self.monitor.compute(pl_module, trainer.optimizers)
+
+
 @pytest.fixture(scope="module")
 def monitored_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("monitored")
-    model, trainer = _fit(tmp, [VarianceAdaptationMonitor(logging_interval=3)])
-    return tmp, model, trainer
+    monitor = RNGCheckedMonitor(logging_interval=3)
+    spy = ComputeAtLoggingSteps(monitor)
+    model, trainer = _fit(tmp, [monitor, spy])
+    assert monitor.checked_calls == 1 + 12 + 12
+    return tmp, model, trainer, spy.expected
 
 
 def test_monitor_never_changes_the_trajectory(monitored_run, tmp_path):
-    _, with_monitor, _ = monitored_run
+    _, with_monitor, _, _ = monitored_run
     without, _ = _fit(tmp_path, [])
+    initial = BoringModule().state_dict()
     for (name, a), (_, b) in zip(with_monitor.named_parameters(), without.named_parameters()):
+        assert not torch.equal(a, initial[name]), name  # it trained
         assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "msgd"])
 def test_monitor_never_changes_the_trajectory_adam_and_tracked_msgd(optimizer, tmp_path):
-    monitor = VarianceAdaptationMonitor(logging_interval=2, track_moments=True)
-    with_monitor, trainer = _fit(tmp_path / "with", [monitor], max_steps=6, optimizer=optimizer)
-    without, _ = _fit(tmp_path / "without", [], max_steps=6, optimizer=optimizer)
+    monitor = RNGCheckedMonitor(logging_interval=2, track_moments=True)
+    with_monitor, trainer = _fit(tmp_path / "with", [monitor], max_steps=8, optimizer=optimizer)
+    without, _ = _fit(tmp_path / "without", [], max_steps=8, optimizer=optimizer)
     for (name, a), (_, b) in zip(with_monitor.named_parameters(), without.named_parameters()):
         assert torch.equal(a, b), name
+    assert monitor.checked_calls == 1 + 8 + 8
     _, acc = _events(trainer.logger.log_dir)
-    assert [e.step for e in acc.Scalars("gamma/head.weight/median")] == [1, 3, 5]
-    assert len(monitor._tracked) == (4 if optimizer == "msgd" else 0)
+    assert [e.step for e in acc.Scalars("gamma/out.weight/median")] == [1, 3, 5, 7]
+    assert len(monitor._tracker) == (4 if optimizer == "msgd" else 0)
 
 
 def test_tensorboard_holds_scalars_and_histograms_per_layer(monitored_run):
-    tmp, model, trainer = monitored_run
+    tmp, model, trainer, expected = monitored_run
     files, acc = _events(trainer.logger.log_dir)
     assert len(files) == 1
     tags = acc.Tags()
     names = [name for name, _ in model.named_parameters()]
-    assert names == ["body.0.weight", "body.0.bias", "head.weight", "head.bias"]
+    assert names == PARAMETER_NAMES
+    # logged after optimizer steps 3, 6, 9, 12, at Lightning's step for that batch
+    assert sorted(expected) == [2, 5, 8, 11]
+    scalar_tags = [t for t in tags["scalars"] if t.startswith(("gamma/", "eta2/"))]
+    assert sorted(scalar_tags) == sorted(expected[2][0]) and len(scalar_tags) == 5 * 6
+    for tag in scalar_tags:
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [2, 5, 8, 11], tag
+        # TensorBoard stores float32
+        assert [e.value for e in events] == pytest.approx([expected[e.step][0][tag] for e in events], rel=1e-6), tag
+    assert sorted(tags["histograms"]) == sorted(f"gamma_hist/{n}" for n in names + ["all"])
     for name in names + ["all"]:
-        for stat in STATS:
-            events = acc.Scalars(f"gamma/{name}/{stat}")
-            # logged after optimizer steps 3, 6, 9, 12, at Lightning's step for that batch
-            assert [e.step for e in events] == [2, 5, 8, 11]
-            assert all(0.0 <= e.value <= 1.0 for e in events)
-        assert all(e.value >= 0 for e in acc.Scalars(f"eta2/{name}/median"))
         hist = acc.Histograms(f"gamma_hist/{name}")
         assert [h.step for h in hist] == [2, 5, 8, 11]
         for h in hist:
-            value = h.histogram_value
-            assert 0.0 <= value.min <= value.max <= 1.0
-            assert sum(value.bucket) == value.num > 0
+            value, want = h.histogram_value, expected[h.step][1][f"gamma_hist/{name}"]
+            assert (value.min, value.max, value.num, value.sum, value.sum_squares) == pytest.approx(
+                (want.min, want.max, want.num, want.sum, want.sum_squares), rel=1e-6)
+            assert list(value.bucket) == want.bucket_counts
+            assert list(value.bucket_limit) == pytest.approx(want.bucket_limits)
     assert "train/loss" in tags["scalars"]  # Lightning's own logging untouched
+
+
+def test_tracked_moments_restart_at_zero_after_a_resume(tmp_path):
+    """track_moments: v~ is not checkpointed; after a resume it restarts at zero, bias-corrected with its own count."""
+
+    class Grads(Callback):  # runs before the monitor: the gradients its v~ sees
+        grads = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters()})
+
+    monitor = VarianceAdaptationMonitor(logging_interval=100, track_moments=True)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    _fit(tmp_path, [monitor, ckpt], max_steps=4, optimizer="msgd", enable_checkpointing=True)
+    assert all(count == 4 for _, count in monitor._tracker.buffers.values())
+    grads = Grads()
+    model, trainer = _fit(tmp_path, [grads, monitor, ckpt], max_steps=7, optimizer="msgd", enable_checkpointing=True,
+                          ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 7 and len(grads.grads) == 3  # resumed after 4 of 7 steps
+    assert all(count == 3 for _, count in monitor._tracker.buffers.values())
+    scalars, _ = monitor.compute(model, trainer.optimizers)
+    optimizer = trainer.optimizers[0]
+    for name, p in model.named_parameters():
+        v = torch.zeros_like(p)
+        for g in grads.grads:
+            v = 0.9 * v + 0.1 * g[name] ** 2
+        v = v * (bias_correction(0.9, 7) / bias_correction(0.9, 3))  # v~/(1-β^3), written at k = 7
+        k = int(optimizer.state[p]["step"])
+        assert k == 7
+        gamma = variance_adaptation_factor(optimizer.state[p]["exp_avg"], v, beta=0.9, step=k)
+        assert scalars[f"gamma/{name}/mean"] == pytest.approx(gamma.mean().item(), abs=1e-6), name
 
 
 def test_interval_follows_trainer_when_none(tmp_path):
@@ -353,7 +471,7 @@ def test_without_tensorboard_scalars_go_to_other_loggers(tmp_path):
     import csv
 
     rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
-    values = [float(r["gamma/head.weight/median"]) for r in rows if r.get("gamma/head.weight/median")]
+    values = [float(r["gamma/out.weight/median"]) for r in rows if r.get("gamma/out.weight/median")]
     assert len(values) == 2 and all(0 <= v <= 1 for v in values)
 
 
@@ -368,7 +486,7 @@ def test_lightning_cli_appends_the_monitor_by_name():
     from pytorch_lightning.cli import LightningCLI
 
     cli = LightningCLI(
-        TinyModule,
+        BoringModule,
         args=[
             "--trainer.callbacks+=VarianceAdaptationMonitor",
             "--trainer.callbacks.logging_interval=7",

@@ -1,0 +1,178 @@
+"""Reading variance-adaptation factors γ out of an optimizer's public state (no Lightning).
+
+One walk over ``param_groups`` / ``state`` for everything that needs γ: the optimizers'
+own ``variance_adaptation_factors()`` (:mod:`lightning_msvag.optimizers`) and the
+:class:`~lightning_msvag.callbacks.VarianceAdaptationMonitor`. Each reader yields one
+:class:`Factor` per parameter that has taken at least one step, lazily (one γ tensor alive
+at a time), and never changes the optimizer.
+
+A factor ties γ to the estimated relative variance η̂² through γ = (1 + λ η̂²)^(−1/power)
+(docs/algorithm.md §1):
+
+* M-SVAG: γ = 1/(1 + ρ η̂²) — λ = ρ(β, k), power 1;
+* SVAG: γ = 1/(1 + η̂²) — λ = 1, power 1;
+* Adam / AdamW: the implicit factor (1 + η̂²)^(−1/2) = |m|/√v, bias-corrected with β1 and
+  β2, clipped at 1 (with β1 ≠ β2, m² can exceed v), 0 where m = v = 0 — λ = 1, power 2.
+  ε and ``amsgrad``'s running maximum are ignored: the paper's factor, not the exact step;
+* M-SGD / M-SSD with a :class:`MomentTracker`: the γ M-SVAG would apply to the same
+  gradients, from the optimizer's m~ and the tracker's v~.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterator, List, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .functional import bias_correction, variance_adaptation_factor, variance_ratio
+
+__all__ = [
+    "Factor", "MomentTracker", "UnreadableOptimizer", "read_factors", "dissected_factors", "adam_factors",
+    "is_untracked_dissected",
+]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class Factor(NamedTuple):
+    """γ of one parameter, and how it maps to η̂²: γ = (1 + lam · η̂²)^(−1/power)."""
+
+    param: Tensor
+    gamma: Tensor
+    lam: float
+    power: int
+
+
+class UnreadableOptimizer(ValueError):
+    """``read_factors`` cannot get γ from this optimizer; ``key`` identifies the reason (warn once per key)."""
+
+    def __init__(self, message: str, key) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class MomentTracker:
+    """v~ for optimizers that keep none (M-SGD, M-SSD): one buffer per parameter, its own step count.
+
+    ``update(optimizer)`` must run once per optimizer step, with the gradients the step will
+    use (the monitor calls it in ``on_before_optimizer_step``). Not checkpointed: a fresh
+    tracker starts v~ at zero, and :func:`dissected_factors` bias-corrects it with its own
+    count (re-weighted to the optimizer's step k).
+    """
+
+    def __init__(self) -> None:
+        #: param -> [v~, steps seen]
+        self.buffers: Dict[Tensor, List] = {}
+
+    def __len__(self) -> int:
+        return len(self.buffers)
+
+    @torch.no_grad()
+    def update(self, optimizer: Optimizer) -> None:
+        for group in optimizer.param_groups:
+            beta = group["beta"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                entry = self.buffers.get(p)
+                if entry is None:
+                    entry = self.buffers[p] = [torch.zeros_like(p, memory_format=torch.preserve_format), 0]
+                entry[0].mul_(beta).addcmul_(p.grad, p.grad, value=1.0 - beta)
+                entry[1] += 1
+
+    def second_moment(self, p: Tensor, beta: float, step: int) -> Optional[Tensor]:
+        """v~ of ``p`` weighted as if it had been averaged over ``step`` steps; ``None`` if never updated."""
+        entry = self.buffers.get(p)
+        if entry is None or entry[1] == 0:
+            return None
+        v, count = entry
+        if count != step:  # started later (a resume): bias-correct with its own count, expressed at k
+            v = v * (bias_correction(beta, step) / bias_correction(beta, count))
+        return v
+
+
+def _steps(optimizer: Optimizer, p: Tensor, to_int) -> Optional[tuple]:
+    state = optimizer.state.get(p)
+    if not state or "exp_avg" not in state:
+        return None
+    k = to_int(state["step"])
+    return (state, k) if k > 0 else None
+
+
+def dissected_factors(optimizer: Optimizer, tracker: Optional[MomentTracker] = None) -> Iterator[Factor]:
+    """γ of a :class:`~lightning_msvag.DissectedOptimizer`, in ``param_groups`` order.
+
+    M-SVAG / SVAG: from their m~, v~ and step. M-SGD / M-SSD: the M-SVAG γ from m~ and
+    ``tracker``'s v~ (parameters the tracker has not seen are skipped).
+    """
+    adapted = optimizer.rule.variance_adaptation
+    direction = optimizer.rule.direction if adapted else "momentum"
+    if not adapted and tracker is None:
+        return
+    for group in optimizer.param_groups:
+        beta = group["beta"]
+        for p in group["params"]:
+            found = _steps(optimizer, p, lambda s: int(s.item()))
+            if found is None:
+                continue
+            state, k = found
+            v = state["exp_avg_sq"] if adapted else tracker.second_moment(p, beta, k)
+            if v is None:
+                continue
+            gamma = variance_adaptation_factor(state["exp_avg"], v, beta=beta, step=k, direction=direction)
+            lam = variance_ratio(beta, k) if direction == "momentum" else 1.0
+            yield Factor(p, gamma, lam, 1)
+
+
+def adam_factors(optimizer: Optimizer) -> Iterator[Factor]:
+    """Adam's implicit factor (1 + η̂²)^(−1/2) = |m|/√v per parameter (``torch.optim.Adam`` / ``AdamW`` state)."""
+    for group in optimizer.param_groups:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        for p in group["params"]:
+            found = _steps(optimizer, p, lambda s: int(float(s)))
+            if found is None:
+                continue
+            state, k = found
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            if m.dtype in _LOW_PRECISION or m.dtype != v.dtype:
+                m, v = m.float(), v.float()
+            # (1 + η̂²)^(-1/2) = |m| / sqrt(max(v, m²)) with m = m~/bc1, v = v~/bc2; 0 where m = v = 0
+            scale = math.sqrt(bias_correction(beta2, k)) / bias_correction(beta1, k)
+            factor = m.abs().mul_(scale).div_(v.sqrt()).clamp_(max=1.0).nan_to_num_(nan=0.0)
+            yield Factor(p, factor, 1.0, 2)
+
+
+def read_factors(optimizer: Optimizer, tracker: Optional[MomentTracker] = None) -> Iterator[Factor]:
+    """The :class:`Factor` iterator for any supported optimizer; raises :class:`UnreadableOptimizer` otherwise.
+
+    Supported: MSVAG, SVAG, ``torch.optim.Adam`` / ``AdamW``, and MSGD / MSSD when a
+    ``tracker`` is given. Raises before anything is read, so callers can warn and skip.
+    """
+    from .optimizers import DissectedOptimizer  # optimizers.py imports this module
+
+    name = type(optimizer).__name__
+    if isinstance(optimizer, DissectedOptimizer):
+        if not optimizer.rule.variance_adaptation and tracker is None:
+            raise UnreadableOptimizer(
+                f"{name} keeps no second moment; pass track_moments=True to log the γ M-SVAG would apply "
+                "(one extra buffer per parameter).",
+                ("untracked", type(optimizer)),
+            )
+        return dissected_factors(optimizer, tracker)
+    if isinstance(optimizer, torch.optim.Adam) or name == "AdamW":
+        return adam_factors(optimizer)
+    raise UnreadableOptimizer(
+        f"cannot read a variance-adaptation factor from {name}; it is skipped "
+        "(supported: MSVAG, SVAG, Adam/AdamW, and MSGD/MSSD with track_moments=True).",
+        ("unreadable", type(optimizer)),
+    )
+
+
+def is_untracked_dissected(optimizer: Optimizer) -> bool:
+    """An M-SGD / M-SSD: γ needs a :class:`MomentTracker`."""
+    from .optimizers import DissectedOptimizer
+
+    return isinstance(optimizer, DissectedOptimizer) and not optimizer.rule.variance_adaptation
