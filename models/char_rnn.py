@@ -61,10 +61,18 @@ class TFLSTMLayer(nn.Module):
 
     def forward(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """``x``: ``[B, T, in]``, ``state``: ``(h, c)`` each ``[1, B, h]`` -> ``(out [B, T, h], (h, c))``."""
-        params = [self.weight_ih, self.weight_hh, self.bias, self.forget_bias_hh.to(self.bias.dtype)]
+        # One dtype for input, state and weights: the fused kernels (oneDNN on CPU) reject a
+        # mix, e.g. a bf16 input with a float32 carried state. Under autocast (bf16-mixed,
+        # 16-mixed) that is the autocast dtype, else the weights' dtype.
+        dtype = self.weight_ih.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        params = [self.weight_ih, self.weight_hh, self.bias, self.forget_bias_hh]
+        params = [p.to(dtype) for p in params]
+        state = (state[0].to(dtype), state[1].to(dtype))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk")
-            out, h, c = torch.lstm(x, state, params, True, 1, 0.0, self.training, False, True)
+            out, h, c = torch.lstm(x.to(dtype), state, params, True, 1, 0.0, self.training, False, True)
         return out, (h, c)
 
     def extra_repr(self) -> str:
@@ -194,7 +202,10 @@ class CharLSTM(ClassificationProblem):
                 state = (state[0].to(x.device), state[1].to(x.device))
         logits, (h, c) = self(x, state)
         # Truncated BPTT: the next batch starts from these values but no gradient flows back.
-        self._stream_states[stream] = (h.detach(), c.detach())
+        # Kept in the parameters' dtype (float32 under bf16-mixed / 16-mixed), so checkpoints
+        # hold the same state whatever the precision and a run can resume in another one.
+        dtype = self.dense.weight.dtype
+        self._stream_states[stream] = (h.detach().to(dtype), c.detach().to(dtype))
         return logits
 
     def on_validation_epoch_start(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -217,15 +218,21 @@ def test_init_3c3d():
 
 def test_init_wrn_glorot_uniform():
     torch.manual_seed(0)
-    m = WideResNet404(depth=10, width=1)
+    m = WideResNet404()
+    checked = 0
     for mod in m.modules():
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
             fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(mod.weight)
             limit = math.sqrt(6.0 / (fan_in + fan_out))
-            assert mod.weight.abs().max() <= limit
-            assert mod.weight.std().item() > 0.5 * limit / math.sqrt(3)
+            n = mod.weight.numel()
+            # U[-L, L] has std L/√3; the sample std of n draws is within ~3/√(5n) of it
+            tolerance = max(0.03, 3 / math.sqrt(5 * n))
+            assert abs(mod.weight.std().item() / (limit / math.sqrt(3)) - 1) < tolerance, (mod, n)
+            assert limit >= mod.weight.abs().max() > 0.95 * limit
+            checked += 1
         elif isinstance(mod, nn.BatchNorm2d):
             assert torch.all(mod.weight == 1) and torch.all(mod.bias == 0)
+    assert checked == 1 + 3 * 6 * 2 + 3 + 1  # stem, two convs per unit, three shortcuts, fc
     assert torch.all(m.fc.bias == 0)
 
 
@@ -561,25 +568,49 @@ def test_fit_char_lstm_logs_and_sanity_check_keeps_train_stream_clean(tmp_path):
 class _TrainStreamRecorder(pl.Callback):
     def __init__(self):
         self.seen = {}
+        self.inputs = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         state = pl_module.stream_state("train")
         self.seen[batch_idx] = None if state is None else state[0].clone()
+        self.inputs[batch_idx] = batch[0].clone()
 
 
-@pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended.*")
 def test_mid_epoch_resume_continues_train_stream(tmp_path):  # (d) end to end
+    """A mid-epoch checkpoint resumes with the next batch of the text *and* the state carried to it.
+
+    No warning is filtered: the Tolstoi training loader is resumable, so Lightning has
+    nothing to warn about (tests/test_resume.py checks the bitwise equality of whole runs).
+    """
+    from datamodules import TolstoiDataModule
+
+    def data():
+        return TolstoiDataModule(str(tmp_path), batch_size=4, seq_len=6)
+
     torch.manual_seed(0)
-    train, _ = _char_loaders(train_batches=3)
+    straight_recorder = _TrainStreamRecorder()
+    straight = _with_sgd(CharLSTM(dropout=0.0))
+    _trainer(max_steps=3, limit_train_batches=3, limit_val_batches=0, callbacks=[straight_recorder]).fit(
+        straight, datamodule=data()
+    )
+
+    torch.manual_seed(0)
     first = _with_sgd(CharLSTM(dropout=0.0))
-    trainer = _trainer(max_steps=2, limit_val_batches=0)
-    trainer.fit(first, train)  # stops after batch 1 of a 3-batch epoch
+    trainer = _trainer(max_steps=2, limit_train_batches=3, limit_val_batches=0)
+    trainer.fit(first, datamodule=data())  # stops after batch 1 of a 3-batch epoch
     saved = first.stream_state("train")[0].clone()
     path = tmp_path / "mid.ckpt"
     trainer.save_checkpoint(path)
 
     recorder = _TrainStreamRecorder()
     resumed = _with_sgd(CharLSTM(dropout=0.0))
-    _trainer(max_steps=3, limit_val_batches=0, callbacks=[recorder]).fit(resumed, train, ckpt_path=path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not resumable.*")
+        _trainer(max_steps=3, limit_train_batches=3, limit_val_batches=0, callbacks=[recorder]).fit(
+            resumed, datamodule=data(), ckpt_path=path
+        )
     assert list(recorder.seen) == [2]  # Lightning continues the epoch at batch_idx 2 ...
-    torch.testing.assert_close(recorder.seen[2], saved)  # ... with the carried state
+    torch.testing.assert_close(recorder.seen[2], saved)  # ... with the carried state ...
+    # ... on the text that follows (batch 2 of the uninterrupted run), not batch 0 again
+    assert torch.equal(recorder.inputs[2], straight_recorder.inputs[2])
+    assert not torch.equal(recorder.inputs[2], straight_recorder.inputs[0])

@@ -1,0 +1,542 @@
+"""Long runs (docs/long_runs.md): exact resume, pre-emption, checkpoint checks.
+
+The central check: ``N`` steps + checkpoint + resume + ``M`` steps equals ``N + M`` steps
+straight, *bitwise* on CPU (parameters, buffers, optimizer state, the char-LSTM's carried
+state, the RNG states after the run), and the resumed run is fed exactly the batches the
+uninterrupted run sees after step ``N`` (asserted on the inputs of every batch).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from tests.helpers.fakes import patch_cifar_md5, write_fake_cifar10, write_fake_cifar100, write_fake_fashion_mnist
+from datamodules import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule, TolstoiDataModule
+from lightning_msvag import MSVAG
+from lightning_msvag.fault_tolerance import (
+    CheckpointError,
+    CheckpointGuard,
+    ExactResume,
+    NonFiniteTrainingError,
+    nonfinite_entries,
+    verify_checkpoint_archive,
+)
+from models import CharLSTM, ThreeC3D, TwoC2D, WideResNet404
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ============================================================================ helpers
+_TOLSTOI = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tolstoi_dir(tmp_path_factory):
+    """One Tolstoi data folder for the module: the id cache is built once, not per test."""
+    root = tmp_path_factory.mktemp("tolstoi")
+    TolstoiDataModule(str(root)).prepare_data()
+    _TOLSTOI["dir"] = root
+    yield root
+    _TOLSTOI.clear()
+
+
+class _BatchRecorder(pl.Callback):
+    """Records (epoch, batch_idx, inputs) of every training batch and the RNG state it starts from."""
+
+    def __init__(self):
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append((trainer.current_epoch, batch_idx, batch[0].clone(), torch.get_rng_state()))
+
+
+def _with_msvag(model, lr=0.05):
+    model.configure_optimizers = lambda: MSVAG(model.parameters(), lr=lr, beta=0.9)
+    return model
+
+
+def _fit(model, datamodule, root, max_steps, *, epoch_batches, ckpt_path=None, save_every=None, callbacks=()):
+    recorder = _BatchRecorder()
+    cbs = [ExactResume(), CheckpointGuard(), recorder, *callbacks]
+    if save_every:
+        cbs.append(ModelCheckpoint(dirpath=root, every_n_train_steps=save_every, save_top_k=-1,
+                                   filename="step{step}", auto_insert_metric_name=False))
+    trainer = pl.Trainer(
+        max_steps=max_steps, limit_train_batches=epoch_batches, limit_val_batches=1, num_sanity_val_steps=1,
+        logger=False, enable_checkpointing=bool(save_every), accelerator="cpu", devices=1,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=cbs, default_root_dir=root,
+    )
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer, recorder.batches
+
+
+def _final_state(model, trainer):
+    state = {f"param/{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    opt = trainer.optimizers[0].state_dict()["state"]
+    for idx, entry in opt.items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                state[f"opt/{idx}/{key}"] = value.clone()
+    carried = getattr(model, "stream_state", lambda _: None)("train")
+    if carried is not None:
+        state["carried/h"], state["carried/c"] = carried[0].clone(), carried[1].clone()
+    state["rng/torch"] = torch.get_rng_state()
+    return state
+
+
+def _max_abs_difference(a, b):
+    assert a.keys() == b.keys()
+    worst = 0.0
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        if a[key].dtype == torch.uint8 or not a[key].is_floating_point():
+            worst = max(worst, 0.0 if torch.equal(a[key], b[key]) else float("inf"))
+        else:
+            worst = max(worst, float((a[key].double() - b[key].double()).abs().max()))
+    return worst
+
+
+def _assert_bitwise(a, b):
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"not bitwise equal: {different[:6]} (max |diff| {_max_abs_difference(a, b):.3g})"
+
+
+def _tolstoi(root, monkeypatch, n_train):
+    return TolstoiDataModule(str(_TOLSTOI["dir"]), batch_size=4, seq_len=8), (lambda: CharLSTM(hidden_size=32, embedding_dim=16))
+
+
+def _fmnist(root, monkeypatch, n_train):
+    write_fake_fashion_mnist(root, n_train=n_train, n_test=16)
+    return FashionMNISTDataModule(str(root), batch_size=8, download=False, seed=3), TwoC2D
+
+
+def _cifar10(root, monkeypatch, n_train):
+    write_fake_cifar10(root, n_train=n_train, n_test=16)
+    patch_cifar_md5(monkeypatch, CIFAR10DataModule, root)
+    return CIFAR10DataModule(str(root), batch_size=8, download=False, seed=5), ThreeC3D
+
+
+def _cifar100(root, monkeypatch, n_train):
+    write_fake_cifar100(root, n_train=n_train, n_test=16)
+    patch_cifar_md5(monkeypatch, CIFAR100DataModule, root)
+    return CIFAR100DataModule(str(root), batch_size=8, download=False, seed=7), (lambda: WideResNet404(depth=10, width=1))
+
+
+PROBLEMS = {"tolstoi": _tolstoi, "fmnist": _fmnist, "cifar10": _cifar10, "cifar100": _cifar100}
+
+
+def _straight_and_resumed(problem, tmp_path, monkeypatch, total, split, epoch_batches, n_train=48):
+    """Run ``total`` steps straight (saving at ``split``) and ``split`` + resume + rest; return both."""
+    dm, make_model = PROBLEMS[problem](tmp_path / "data", monkeypatch, n_train)
+    pl.seed_everything(11)
+    straight_model = _with_msvag(make_model())
+    trainer, straight_batches = _fit(straight_model, dm, tmp_path / "a", total, epoch_batches=epoch_batches,
+                                     save_every=split)
+    straight = _final_state(straight_model, trainer)
+    ckpt = tmp_path / "a" / f"step{split}.ckpt"
+    assert ckpt.is_file()
+
+    dm2, _ = PROBLEMS[problem](tmp_path / "data", monkeypatch, n_train)  # a fresh data module, as a new process
+    pl.seed_everything(11)  # as a fresh `lightning-msvag fit` does; the checkpoint must override it
+    resumed_model = _with_msvag(make_model())
+    trainer2, resumed_batches = _fit(resumed_model, dm2, tmp_path / "b", total, epoch_batches=epoch_batches,
+                                     ckpt_path=ckpt)
+    return straight, straight_batches, _final_state(resumed_model, trainer2), resumed_batches
+
+
+# ============================================================================ 1. exact resume
+@pytest.mark.parametrize(
+    "problem, total, split",
+    [
+        ("tolstoi", 10, 3),   # mid-epoch 0 (epochs of 4 batches)
+        ("tolstoi", 10, 4),   # exactly at the end of epoch 0
+        ("tolstoi", 10, 6),   # mid-epoch 1
+        ("fmnist", 7, 5),     # mid-epoch 1
+        ("cifar10", 6, 3),    # augmentation: random crops / flips / colour draws
+        ("cifar100", 5, 2),
+    ],
+)
+def test_resume_equals_uninterrupted_run_bitwise(problem, total, split, tmp_path, monkeypatch, recwarn):
+    straight, straight_batches, resumed, resumed_batches = _straight_and_resumed(
+        problem, tmp_path, monkeypatch, total, split, epoch_batches=4
+    )
+    # the resumed run is fed the batches the uninterrupted run saw after step `split`, in place
+    expected = straight_batches[split:]
+    assert [(e, i) for e, i, _, _ in resumed_batches] == [(e, i) for e, i, _, _ in expected]
+    for (_, i, x, rng), (_, _, x_ref, rng_ref) in zip(resumed_batches, expected):
+        assert torch.equal(x, x_ref), f"batch {i}: other data than the uninterrupted run"
+    # ... starting from the same RNG state (dropout / augmentation draws)
+    assert torch.equal(resumed_batches[0][3], expected[0][3])
+    _assert_bitwise(resumed, straight)
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+def test_image_epoch_order_reproducible_across_a_resume(tmp_path, monkeypatch):
+    """2 epochs straight == 1 epoch + resume + 1 epoch (a shuffled module: the 2nd epoch's permutation)."""
+    straight, straight_batches, resumed, resumed_batches = _straight_and_resumed(
+        "cifar10", tmp_path, monkeypatch, total=8, split=4, epoch_batches=None, n_train=32
+    )
+    assert [(e, i) for e, i, _, _ in resumed_batches] == [(1, i) for i in range(4)]
+    for (_, _, x, _), (_, _, x_ref, _) in zip(resumed_batches, straight_batches[4:]):
+        assert torch.equal(x, x_ref)
+    _assert_bitwise(resumed, straight)
+
+
+def test_loader_state_resumes_the_permutation_mid_epoch(tmp_path):
+    """Without Lightning: state_dict after k batches + load_state_dict into a fresh loader -> batches k, k+1, ..."""
+    write_fake_fashion_mnist(tmp_path, n_train=40, n_test=8)
+    dm = FashionMNISTDataModule(str(tmp_path), batch_size=8, download=False, seed=1)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    seen = [next(it)[1] for _ in range(2)]
+    state = loader.state_dict()
+    rest = [b[1] for b in it]
+    fresh = FashionMNISTDataModule(str(tmp_path), batch_size=8, download=False, seed=1)
+    fresh.setup("fit")
+    again = fresh.train_dataloader()
+    again.load_state_dict(state)
+    assert [b[1].tolist() for b in again] == [b.tolist() for b in rest]
+    assert len(seen) + len(rest) == len(loader)
+    # the next epoch's permutation continues as in the uninterrupted loader
+    assert [b[1].tolist() for b in again] == [b[1].tolist() for b in loader]
+
+
+# ---------------------------------------------------------------------------- DDP, through the command
+def _subprocess_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _p4_config(tmp: Path, data_dir: Path, name: str, devices: int, max_steps: int, save_every: int,
+               extra_callbacks=()) -> Path:
+    """configs/tolstoi_char_rnn.yaml (M-SVAG, dropout 0.2), tiny and on CPU, checkpoints every `save_every` steps."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs" / "tolstoi_char_rnn.yaml").read_text())
+    trainer = config["trainer"]
+    trainer.update(
+        accelerator="cpu", devices=devices, max_steps=max_steps, limit_train_batches=4, limit_val_batches=0,
+        num_sanity_val_steps=1, enable_progress_bar=False, enable_model_summary=False, logger=False,
+        default_root_dir=str(tmp / f"{name}_root"),  # config.yaml goes there, not into the working folder
+        callbacks=[{
+            "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp / name), "every_n_train_steps": save_every, "save_top_k": -1,
+                          "save_last": True, "filename": "step{step}", "auto_insert_metric_name": False},
+        }, *extra_callbacks],
+    )
+    if devices > 1:
+        trainer["strategy"] = "ddp"
+    config["data"]["init_args"].update(data_dir=str(data_dir), batch_size=4, seq_len=8)
+    config["model"]["init_args"] = {"hidden_size": 32, "embedding_dim": 16, "dropout": 0.2}
+    config["optimizer"]["init_args"]["fused"] = False
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _run_cli(args, log: Path, timeout=300) -> int:
+    with open(log, "w") as out:
+        proc = subprocess.run([sys.executable, "-m", "lightning_msvag.cli", *args], cwd=REPO, env=_subprocess_env(),
+                              stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+    return proc.returncode
+
+
+def _checkpoint_tensors(path: Path) -> dict:
+    ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    out = {f"param/{k}": v for k, v in ckpt["state_dict"].items()}
+    for i, opt in enumerate(ckpt["optimizer_states"]):
+        for idx, entry in opt["state"].items():
+            out.update({f"opt{i}/{idx}/{k}": v for k, v in entry.items() if torch.is_tensor(v)})
+    out.update({f"carried/{k}": v for k, v in (ckpt.get("char_lstm_train_state") or {}).items()})
+    for r, state in enumerate(ckpt["lightning_msvag_rng_states"]["ranks"]):
+        out[f"rng/rank{r}/torch"] = state["torch"]
+    return out
+
+
+def test_ddp_cli_p4_resume_mid_epoch_is_bitwise(tmp_path):
+    """2-process DDP (gloo), the P4 config with dropout: 6 steps == 3 steps + --ckpt_path + 3 steps, bitwise."""
+    data = _TOLSTOI["dir"]
+    straight_cfg = _p4_config(tmp_path, data, "straight", 2, max_steps=6, save_every=3)
+    assert _run_cli(["fit", "--config", str(straight_cfg)], tmp_path / "straight.log") == 0, (
+        tmp_path / "straight.log").read_text()[-3000:]
+    resumed_cfg = _p4_config(tmp_path, data, "resumed", 2, max_steps=6, save_every=100)
+    code = _run_cli(["fit", "--config", str(resumed_cfg), "--ckpt_path", str(tmp_path / "straight" / "step3.ckpt")],
+                    tmp_path / "resumed.log")
+    log = (tmp_path / "resumed.log").read_text()
+    assert code == 0, log[-3000:]
+    assert "not resumable" not in log
+    straight = _checkpoint_tensors(tmp_path / "straight" / "last.ckpt")
+    resumed = _checkpoint_tensors(tmp_path / "resumed" / "last.ckpt")
+    assert straight["carried/h"].shape[1] == 4 and "rng/rank1/torch" in straight  # both ranks' rows and RNGs
+    _assert_bitwise(resumed, straight)
+
+
+# ============================================================================ 2. pre-emption
+def _newest_last(folder: Path) -> Path:
+    """The checkpoint Lightning's ``ckpt_path="last"`` resolves to: the newest last*.ckpt."""
+    return max(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+
+
+def _launch_cli(args, log: Path) -> subprocess.Popen:
+    out = open(log, "w")
+    return subprocess.Popen([sys.executable, "-m", "lightning_msvag.cli", *args], cwd=REPO, env=_subprocess_env(),
+                            stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_sigterm_mid_epoch_writes_checkpoint_exits_143_and_resumes_exactly(tmp_path):
+    """SIGTERM during step 3 (of a 4-batch epoch): the step finishes, last.ckpt holds step 4, exit status 143;
+    ``--ckpt_path last`` then continues bitwise like an uninterrupted run of the same length."""
+    data = _TOLSTOI["dir"]
+    cfg = _p4_config(tmp_path, data, "run", 1, max_steps=100, save_every=100,
+                     extra_callbacks=[{"class_path": "tests.helpers.resume.SignalAtStep", "init_args": {"step": 3}}])
+    straight_cfg = _p4_config(tmp_path, data, "straight", 1, max_steps=7, save_every=100)
+    preempted = _launch_cli(["fit", "--config", str(cfg)], tmp_path / "run.log")
+    straight = _launch_cli(["fit", "--config", str(straight_cfg)], tmp_path / "straight.log")
+    code, straight_code = preempted.wait(timeout=300), straight.wait(timeout=300)
+    text = (tmp_path / "run.log").read_text()
+    assert code == 143, text[-3000:]
+    assert straight_code == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    assert "SIGTERM received: wrote" in text
+    last = _newest_last(tmp_path / "run")
+    ckpt = torch.load(last, weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 4  # the step the signal arrived in was completed and saved
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches_yielded"] == 4
+
+    resume_cfg = _p4_config(tmp_path, data, "run", 1, max_steps=7, save_every=100)
+    resumed_log = tmp_path / "resumed.log"
+    assert _run_cli(["fit", "--config", str(resume_cfg), "--ckpt_path", "last"], resumed_log) == 0, (
+        resumed_log.read_text()[-3000:])
+    last = _newest_last(tmp_path / "run")  # what `--ckpt_path last` resolved to, then rewrote
+    assert torch.load(last, weights_only=True)["global_step"] == 7
+    _assert_bitwise(_checkpoint_tensors(last), _checkpoint_tensors(tmp_path / "straight" / "last.ckpt"))
+
+
+def test_requeue_signal_from_outside_writes_checkpoint_and_exits_138(tmp_path):
+    """SIGUSR1 (SLURM's requeue signal) sent by another process: checkpoint, exit status 128 + 10."""
+    data = _TOLSTOI["dir"]
+    cfg = _p4_config(tmp_path, data, "run", 1, max_steps=100_000, save_every=2)
+    log = tmp_path / "run.log"
+    proc = _launch_cli(["fit", "--config", str(cfg)], log)
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "run" / "step2.ckpt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert code == 128 + signal.SIGUSR1, text[-3000:]
+    assert "SIGUSR1 received: wrote" in text
+    step = torch.load(_newest_last(tmp_path / "run"), weights_only=True, map_location="cpu")["global_step"]
+    assert step >= 2
+
+
+# ============================================================================ 3. damaged checkpoints
+def _p4_checkpoint(tmp_path, steps=2) -> Path:
+    dm = TolstoiDataModule(str(_TOLSTOI["dir"]), batch_size=4, seq_len=8)
+    pl.seed_everything(0)
+    model = _with_msvag(CharLSTM(hidden_size=32, embedding_dim=16))
+    _fit(model, dm, tmp_path / "ckpts", steps, epoch_batches=4, save_every=steps)
+    return tmp_path / "ckpts" / f"step{steps}.ckpt"
+
+
+def _refused(tmp_path, ckpt: Path, match: str, model=None):
+    """Resuming from ``ckpt`` raises CheckpointError(match) before a batch is trained or a file written."""
+    dm = TolstoiDataModule(str(_TOLSTOI["dir"]), batch_size=4, seq_len=8)
+    model = model or _with_msvag(CharLSTM(hidden_size=32, embedding_dim=16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recorder = _BatchRecorder()
+    out = tmp_path / "resumed"
+    with pytest.raises(CheckpointError, match=match):
+        _fit(model, dm, out, 6, epoch_batches=4, ckpt_path=ckpt, save_every=1, callbacks=[recorder])
+    assert recorder.batches == []  # nothing trained
+    assert not out.exists() or not list(out.glob("*.ckpt"))  # nothing written
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing restored
+
+
+def test_checkpoint_with_flipped_bytes_is_refused_before_training(tmp_path):
+    ckpt = _p4_checkpoint(tmp_path)
+    raw = bytearray(ckpt.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 4096] = bytes(b ^ 0xFF for b in raw[middle:middle + 4096])  # 4 KiB flipped
+    ckpt.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="CRC-32"):
+        verify_checkpoint_archive(ckpt)
+    _refused(tmp_path, ckpt, "damaged")
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    ckpt = _p4_checkpoint(tmp_path)
+    ckpt.write_bytes(ckpt.read_bytes()[:5000])
+    _refused(tmp_path, ckpt, "damaged")
+
+
+def test_checkpoint_with_nan_optimizer_state_or_wrong_shapes_is_refused(tmp_path):
+    ckpt = _p4_checkpoint(tmp_path)
+    good = torch.load(ckpt, weights_only=True)
+    state = good["optimizer_states"][0]["state"]
+    first = next(iter(state.values()))
+    key = next(k for k, v in first.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel() > 1)
+    first[key].view(-1)[0] = float("nan")
+    torch.save(good, tmp_path / "nan.ckpt")  # a valid archive: only the content check can catch it
+    _refused(tmp_path, tmp_path / "nan.ckpt", "non-finite")
+    # another model size: refused with the shapes, not with a traceback from load_state_dict
+    _refused(tmp_path, ckpt, "does not fit the model", model=_with_msvag(CharLSTM(hidden_size=16, embedding_dim=16)))
+
+
+class _PoisonAt(pl.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.dense.bias.fill_(float("nan"))  # what a diverging step does
+
+
+def test_training_never_writes_a_nonfinite_checkpoint(tmp_path):
+    dm = TolstoiDataModule(str(_TOLSTOI["dir"]), batch_size=4, seq_len=8)
+    model = _with_msvag(CharLSTM(hidden_size=32, embedding_dim=16))
+    with pytest.raises(NonFiniteTrainingError, match="non-finite"):
+        _fit(model, dm, tmp_path / "ckpts", 6, epoch_batches=4, save_every=1, callbacks=[_PoisonAt(3)])
+    written = sorted(p.name for p in (tmp_path / "ckpts").glob("*.ckpt"))
+    assert written == ["step1.ckpt", "step2.ckpt"]
+    for name in written:
+        verify_checkpoint_archive(tmp_path / "ckpts" / name)
+        assert nonfinite_entries(torch.load(tmp_path / "ckpts" / name, weights_only=True)) == []
+
+
+@pytest.mark.parametrize("where", [0.5, 0.02, 0.995], ids=["tensor-data", "pickle", "zip-directory"])
+def test_command_reports_a_damaged_checkpoint_in_one_line(tmp_path, capsys, where):
+    """Wherever the damage is (a tensor, the hyperparameter pickle LightningCLI reads first,
+    the archive's directory), the command refuses it in one line before training."""
+    from lightning_msvag.cli import main
+
+    first = _p4_config(tmp_path, _TOLSTOI["dir"], "first", 1, max_steps=2, save_every=2)
+    assert main(["fit", "--config", str(first)]) == 0
+    ckpt = tmp_path / "first" / "step2.ckpt"
+    raw = bytearray(ckpt.read_bytes())
+    for i in range(int(len(raw) * where), min(len(raw), int(len(raw) * where) + 64)):
+        raw[i] ^= 0xFF  # 64 flipped bytes
+    ckpt.write_bytes(bytes(raw))
+    cfg = _p4_config(tmp_path, _TOLSTOI["dir"], "cli", 1, max_steps=4, save_every=1)
+    capsys.readouterr()
+    assert main(["fit", "--config", str(cfg), "--ckpt_path", str(ckpt)]) == 1
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("lightning-msvag: error:")]
+    assert "checkpoint" in line and "damaged" in line and "Traceback" not in err
+    assert not list((tmp_path / "cli").glob("*.ckpt"))
+
+
+# ============================================================================ 5. optimizer API
+@pytest.mark.parametrize("bad", [{"beta": 1.0}, {"beta": -0.1}, {"lr": float("nan")}, {"lr": -1.0}])
+def test_rejected_param_group_leaves_the_optimizer_unchanged(bad):
+    from lightning_msvag import MSGD, MSSD, SVAG
+
+    for cls in (MSGD, MSSD, MSVAG, SVAG):
+        a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+        opt = cls([a], lr=0.1, beta=0.9, fused=False)
+        with pytest.raises(ValueError):
+            opt.add_param_group({"params": [b], **bad})
+        assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [a]
+        a.grad = torch.ones(3)
+        opt.step()  # still works: no half-added group to divide by (1 - beta) = 0
+        assert torch.isfinite(a).all() and not torch.equal(a.detach(), torch.ones(3))
+        opt.add_param_group({"params": [b], "lr": 0.2})  # a valid group still goes in
+        assert opt.param_groups[1]["beta"] == 0.9
+
+
+# ============================================================================ 4. mixed precision
+def _fit_in_precision(problem, tmp_path, monkeypatch, precision, accelerator="cpu", steps=3):
+    dm, make_model = PROBLEMS[problem](tmp_path / "data", monkeypatch, 32)
+    pl.seed_everything(0)
+    model = _with_msvag(make_model(), lr=0.01)
+    initial = {k: v.detach().clone() for k, v in model.named_parameters()}
+    losses = []
+
+    class _Losses(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = pl.Trainer(
+        precision=precision, accelerator=accelerator, devices=1, max_steps=steps, limit_train_batches=4,
+        limit_val_batches=1, num_sanity_val_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[_Losses()],
+    )
+    trainer.fit(model, datamodule=dm)
+    assert len(losses) == steps and all(math.isfinite(v) for v in losses), losses
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32, name  # mixed precision: float32 master weights
+        assert torch.isfinite(p).all() and not torch.equal(p.detach(), initial[name].to(p.device)), name
+    opt = trainer.optimizers[0]
+    for p, state in opt.state.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert state[key].dtype == torch.float32, key  # state in the parameters' dtype
+    gammas = opt.variance_adaptation_factors()
+    assert gammas and all(bool(((g >= 0) & (g <= 1)).all()) for g in gammas)
+    return model
+
+
+@pytest.mark.parametrize("problem", ["tolstoi", "fmnist", "cifar10", "cifar100"])
+def test_bf16_mixed_trains_every_problem_on_cpu(problem, tmp_path, monkeypatch):
+    model = _fit_in_precision(problem, tmp_path, monkeypatch, "bf16-mixed")
+    if problem == "tolstoi":
+        assert model.stream_state("train")[0].dtype == torch.float32  # carried state kept in float32
+
+
+def test_char_lstm_accepts_a_state_of_another_dtype():
+    """oneDNN's LSTM rejects mixed dtypes ('could not create a primitive descriptor'): the layer unifies them."""
+    model = CharLSTM(hidden_size=32, embedding_dim=16)
+    x = torch.randint(0, 83, (4, 6))
+    state = tuple(t.bfloat16() for t in model.zero_state(4))
+    logits, _ = model(x, state)  # float32 weights, bf16 state, no autocast
+    assert logits.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, (h, _) = model(x, model.zero_state(4))  # float32 state under bf16 autocast
+    assert h.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (16-mixed uses a gradient scaler there)")
+@pytest.mark.parametrize("problem", ["tolstoi", "fmnist", "cifar10", "cifar100"])
+def test_16_mixed_trains_every_problem_on_gpu(problem, tmp_path, monkeypatch):
+    _fit_in_precision(problem, tmp_path, monkeypatch, "16-mixed", accelerator="gpu")
+
+
+@pytest.mark.parametrize("when", ["before any iterator", "iterator made, nothing fetched"])
+def test_loader_state_before_the_first_batch_of_a_pass(when, tmp_path):
+    write_fake_fashion_mnist(tmp_path, n_train=40, n_test=8)
+
+    def loader():
+        dm = FashionMNISTDataModule(str(tmp_path), batch_size=8, download=False, seed=1)
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    reference = loader()
+    expected = [b[1].tolist() for b in reference] + [b[1].tolist() for b in reference]  # two epochs
+    original = loader()
+    if when == "before any iterator":
+        state = original.state_dict()
+    else:
+        it = iter(original)
+        state = original.state_dict()
+        assert [b[1].tolist() for b in it] == expected[:5]
+    again = loader()
+    again.load_state_dict(state)
+    assert [b[1].tolist() for b in again] + [b[1].tolist() for b in again] == expected
