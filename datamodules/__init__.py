@@ -33,7 +33,8 @@ On-disk layout expected under ``data_dir`` (torchvision's layout for the image s
     cifar-100-python/train, test, meta
         (python pickles; or cifar-100-python.tar.gz in data_dir, likewise)
 
-    tolstoi/war-and-peace.txt                     3,291,641 bytes, sha256 3ed0f41c...
+    tolstoi/war-and-peace.txt                     optional (the package ships the text):
+                                                  3,291,641 bytes, sha256 3ed0f41c...
     tolstoi/war-and-peace.ids-<sha>-v1.npz        id cache, written by the module
 
 Files that are present are never overwritten or deleted; a present file with the wrong
@@ -42,6 +43,11 @@ files without a working download raise :class:`DataUnavailableError` listing the
 paths to place.  Both are ``RuntimeError`` subclasses.  Downloads use a 60 s network
 timeout and a temporary file renamed into place after the checksum matched; archives
 are unpacked file by file the same way.
+
+Every training loader is a :class:`~datamodules._image.ResumableDataLoader`: a Lightning
+checkpoint stores its position in the epoch and its shuffle generator's state, and a run
+resumed from it continues with exactly the batches the uninterrupted run would have seen
+(docs/long_runs.md).
 """
 
 from ._files import DataIntegrityError, DataUnavailableError

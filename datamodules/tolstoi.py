@@ -26,6 +26,7 @@ loaders therefore carry a pass-through ``DistributedSampler`` so Lightning injec
 """
 
 import hashlib
+import lzma
 import os
 import tempfile
 import warnings
@@ -36,19 +37,19 @@ from typing import List, Optional, Tuple
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
-from ._files import (
-    DOWNLOAD_ERRORS,
-    DataIntegrityError,
-    DataUnavailableError,
-    describe_exception,
-    download_file,
-    verify_file,
+from ._files import DataIntegrityError, describe_exception, verify_file
+from ._image import (
+    ResumableDataLoader,
+    ResumableSampler,
+    check_common_args,
+    check_positive_int,
+    distributed_shard,
+    per_rank_batch_size,
 )
-from ._image import check_common_args, check_positive_int, distributed_shard, per_rank_batch_size
 
-#: Where DeepOBS downloads the text from (docs/problems.md).
+#: Where DeepOBS downloads the text from (docs/problems.md); this package ships the same file.
 TOLSTOI_URL = "https://github.com/AllenDowney/fluent-python-notebooks/raw/master/attic/sequences/war-and-peace.txt"
 #: The raw file: size and sha256 (docs/problems.md).
 TOLSTOI_RAW_SIZE = 3_291_641
@@ -59,7 +60,33 @@ TOLSTOI_TEXT_SHA256 = "48b5030ae673ac66db6e46c0915c04a8c18e0c83367a5836b2bae5315
 TOLSTOI_VOCAB_SIZE = 83
 #: Line ranges deleted one after the other (1-based, inclusive, numbered in the current text).
 TOLSTOI_DELETED_LINES = ((1, 29), (5, 775), (63850, 64207))
+#: The copy of the raw file that ships with the package (xz-compressed, ~0.93 MB): Project
+#: Gutenberg #2600 with its header and license, which allows redistribution.
+EMBEDDED_TEXT = Path(__file__).resolve().parent / "embedded" / "war-and-peace.txt.xz"
 _CACHE_FORMAT = 1
+
+
+def embedded_war_and_peace() -> bytes:
+    """The raw War and Peace file shipped with the package, checked against its sha256.
+
+    Raises :class:`DataIntegrityError` if the packaged copy is missing or damaged (a broken
+    installation: reinstall the package).
+    """
+    try:
+        with lzma.open(EMBEDDED_TEXT) as f:
+            raw = f.read()
+    except (OSError, lzma.LZMAError, EOFError) as exc:
+        raise DataIntegrityError(
+            f"the packaged War and Peace text {EMBEDDED_TEXT} is unreadable ({describe_exception(exc)}); "
+            "reinstall lightning-msvag, or place the text at <data_dir>/tolstoi/war-and-peace.txt"
+        ) from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if len(raw) != TOLSTOI_RAW_SIZE or digest != TOLSTOI_RAW_SHA256:
+        raise DataIntegrityError(
+            f"the packaged War and Peace text {EMBEDDED_TEXT} is damaged: {len(raw):,} bytes with sha256 "
+            f"{digest}, expected {TOLSTOI_RAW_SIZE:,} bytes with sha256 {TOLSTOI_RAW_SHA256}; reinstall lightning-msvag"
+        )
+    return raw
 
 
 def delete_lines(text: str, first: int, last: int) -> str:
@@ -165,10 +192,12 @@ class TolstoiDataModule(pl.LightningDataModule):
     At 50 x 50: 1045 training batches, 261 test batches; train-eval = the first 261
     training batches.  :meth:`val_dataloader` returns ``[train_eval, test]``.
 
-    On disk: ``<data_dir>/tolstoi/war-and-peace.txt`` (3,291,641 bytes, sha256
-    ``3ed0f41c...``; the project's ``../shared/data/war_and_peace.txt`` is that file).  If
-    missing and ``download=True`` it is fetched from :data:`TOLSTOI_URL`.  The encoded ids
-    are cached beside it as ``war-and-peace.ids-<sha prefix>.npz`` (rebuilt if unreadable).
+    The text: ``<data_dir>/tolstoi/war-and-peace.txt`` if that file exists (it must be the
+    file DeepOBS uses, 3,291,641 bytes, sha256 ``3ed0f41c...``), otherwise the copy that
+    ships with the package (:data:`EMBEDDED_TEXT`, checked against the same sha256), so
+    nothing needs downloading.  The encoded ids are cached in ``<data_dir>/tolstoi`` as
+    ``war-and-peace.ids-<sha prefix>.npz`` (rebuilt if unreadable; skipped with a warning
+    if the folder is not writable).
 
     Under DDP (``W`` processes) ``batch_size`` stays the global number of rows and each rank
     loads its contiguous block of ``batch_size / W`` rows (see the module docstring), so a
@@ -185,7 +214,8 @@ class TolstoiDataModule(pl.LightningDataModule):
         seq_len: Characters per row and batch (DeepOBS: 50).
         num_workers: ``DataLoader`` worker processes (0 = main process).
         seed: Unused (Tolstoi is never shuffled); accepted for a uniform interface.
-        download: Download the text in :meth:`prepare_data` if it is missing.
+        download: Unused (the text ships with the package); accepted for the interface
+            the image data modules share.
         pin_memory: Passed to the data loaders.
     """
 
@@ -234,33 +264,21 @@ class TolstoiDataModule(pl.LightningDataModule):
         """The encoded-ids cache beside the text, keyed on the preprocessed text's sha256."""
         return self.text_path.with_name(f"war-and-peace.ids-{TOLSTOI_TEXT_SHA256[:16]}-v{_CACHE_FORMAT}.npz")
 
-    def _instructions(self) -> str:
-        return (
-            f"Place the War and Peace text at {self.text_path}\n"
-            f"({TOLSTOI_RAW_SIZE:,} bytes, sha256 {TOLSTOI_RAW_SHA256}; it is the file at {TOLSTOI_URL},\n"
-            "and the project's ../shared/data/war_and_peace.txt), then run again."
-        )
-
-    def _ensure_text(self, download: bool) -> None:
+    def _raw_text(self) -> Tuple[bytes, Path]:
+        """The raw file's bytes and where they came from: the user's file, else the packaged copy."""
         path = self.text_path
-        if not path.is_file():
-            if not download:
-                raise DataUnavailableError(f"{path} not found (download=False).\n" + self._instructions())
-            try:
-                download_file(TOLSTOI_URL, path, "sha256", TOLSTOI_RAW_SHA256)
-            except DOWNLOAD_ERRORS as exc:
-                raise DataUnavailableError(
-                    f"Could not download War and Peace from {TOLSTOI_URL} ({describe_exception(exc)}; no network?).\n"
-                    + self._instructions()
-                ) from None
-        verify_file(path, "sha256", TOLSTOI_RAW_SHA256, expected_size=TOLSTOI_RAW_SIZE, what="War and Peace text")
+        if path.is_file():
+            verify_file(path, "sha256", TOLSTOI_RAW_SHA256, expected_size=TOLSTOI_RAW_SIZE, what="War and Peace text")
+            return path.read_bytes(), path
+        return embedded_war_and_peace(), EMBEDDED_TEXT
 
     def _encode_from_text(self) -> Tuple[str, np.ndarray]:
-        text = preprocess_war_and_peace(self.text_path.read_bytes())
+        raw, source = self._raw_text()
+        text = preprocess_war_and_peace(raw)
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
         if len(text) != TOLSTOI_TEXT_LENGTH or digest != TOLSTOI_TEXT_SHA256:
             raise DataIntegrityError(
-                f"Preprocessing {self.text_path} gave {len(text):,} characters with sha256 {digest}; "
+                f"Preprocessing {source} gave {len(text):,} characters with sha256 {digest}; "
                 f"expected {TOLSTOI_TEXT_LENGTH:,} characters with sha256 {TOLSTOI_TEXT_SHA256}."
             )
         vocab, ids = build_vocabulary(text)
@@ -289,6 +307,7 @@ class TolstoiDataModule(pl.LightningDataModule):
         path = self.cache_path
         tmp: Optional[Path] = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
             tmp = Path(tmp_name)
             with os.fdopen(fd, "wb") as f:
@@ -301,21 +320,20 @@ class TolstoiDataModule(pl.LightningDataModule):
             if tmp is not None and tmp.exists():
                 tmp.unlink()  # our own temporary file
 
-    def _encoded(self, download: bool) -> Tuple[str, np.ndarray]:
+    def _encoded(self) -> Tuple[str, np.ndarray]:
         cached = self._load_cache()
         if cached is not None:
             return cached
-        self._ensure_text(download)
         vocab, ids = self._encode_from_text()
         self._save_cache(vocab, ids)
         return vocab, ids
 
     # ----------------------------------------------------------------- Lightning hooks
     def prepare_data(self) -> None:
-        """Make sure the text is there (download if allowed), verified, and the id cache built."""
-        self._ensure_text(self.download)
-        if self._load_cache() is None:
-            self._save_cache(*self._encode_from_text())
+        """Verify the text (the user's file if present, else the packaged copy) and build the id cache."""
+        if self.text_path.is_file():  # a user's file is checked on every run, even with a cache
+            self._raw_text()
+        self._encoded()
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Load the ids (from the cache, else from the text), split them and lay out the batches.
@@ -328,7 +346,7 @@ class TolstoiDataModule(pl.LightningDataModule):
         if self.train_dataset is not None and self._shard == (rank, world):
             return
         if self.vocab is None:
-            vocab, ids = self._encoded(download=False)
+            vocab, ids = self._encoded()
             self.vocab = vocab
             self.train_ids, self.test_ids = split_train_test(ids)
         rows = slice(rank * rows_per_rank, (rank + 1) * rows_per_rank)
@@ -347,7 +365,7 @@ class TolstoiDataModule(pl.LightningDataModule):
         return "".join(self.vocab[int(i)] for i in np.asarray(ids).reshape(-1))
 
     # --------------------------------------------------------------------- loaders
-    def _loader(self, dataset: Optional[StreamBatchDataset]) -> DataLoader:
+    def _loader(self, dataset: Optional[StreamBatchDataset], resumable: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError(
                 "TolstoiDataModule: call prepare_data() and setup() before asking for a data loader "
@@ -355,21 +373,28 @@ class TolstoiDataModule(pl.LightningDataModule):
             )
         # Under DDP the dataset already holds this rank's rows: a pass-through (1 replica)
         # DistributedSampler keeps every batch in order and stops Lightning injecting its own.
-        world = distributed_shard(self.trainer)[1]
-        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False) if world > 1 else None
-        return DataLoader(
-            dataset,
+        # The loader's own generator (it only seeds worker processes) keeps iterator creation
+        # off torch's global RNG, which dropout uses.
+        common = dict(
             batch_size=None,
-            shuffle=False,
-            sampler=sampler,
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+        if resumable:  # in order; a checkpoint stores the position, a resumed run continues there
+            return ResumableDataLoader(dataset, sampler=ResumableSampler(SequentialSampler(dataset)), **common)
+        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False)
+        return DataLoader(dataset, shuffle=False, sampler=sampler, **common)
 
     def train_dataloader(self) -> DataLoader:
-        """All training batches in stream order (never shuffled)."""
-        return self._loader(self.train_dataset)
+        """All training batches in stream order (never shuffled), resumable mid-epoch.
+
+        A :class:`~datamodules._image.ResumableDataLoader`: a Lightning checkpoint stores
+        how many batches of the epoch were trained on, and a resumed run continues with the
+        next one (the model carries the matching recurrent state in the same checkpoint).
+        """
+        return self._loader(self.train_dataset, resumable=True)
 
     def train_eval_dataloader(self) -> DataLoader:
         """The first ``len(test_dataloader())`` training batches (261 at 50 x 50), in order."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,13 +13,14 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import lightning_msvag
-from datamodules import CIFAR10DataModule, CIFAR100DataModule
-from datamodule_fakes import patch_cifar_md5, write_fake_cifar10, write_fake_cifar100, write_fake_fashion_mnist
+from datamodules import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule
+from tests.helpers.fakes import patch_cifar_md5, write_fake_cifar10, write_fake_cifar100, write_fake_fashion_mnist
 from lightning_msvag.cli import build_cli, main
+from lightning_msvag.registry import METHODS, optimizer_config_text
+from models import ThreeC3D, TwoC2D, WideResNet404
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-WAR_AND_PEACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "war_and_peace.txt"
 
 
 def _quick_fit_args(tmp_path: Path, config: str, *extra: str) -> list:
@@ -47,12 +51,6 @@ def _scalar_tags(log_root: Path) -> dict:
     return tags
 
 
-def _copy_war_and_peace(data_dir: Path) -> None:
-    target = data_dir / "tolstoi" / "war-and-peace.txt"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(WAR_AND_PEACE, target)
-
-
 def test_version_and_registry_listing(capsys):
     assert main(["--version"]) == 0
     assert lightning_msvag.__version__ in capsys.readouterr().out
@@ -61,7 +59,6 @@ def test_version_and_registry_listing(capsys):
 
 
 def test_tolstoi_config_trains_on_real_text_logs_and_resumes(tmp_path):
-    _copy_war_and_peace(tmp_path / "data")
     main(_quick_fit_args(tmp_path, "tolstoi_char_rnn.yaml", "--trainer.limit_train_batches", "3",
                          "--trainer.limit_val_batches", "2"))
     tags = _scalar_tags(tmp_path / "logs")
@@ -87,26 +84,50 @@ def test_tolstoi_config_trains_on_real_text_logs_and_resumes(tmp_path):
     assert int(state["optimizer_states"][0]["state"][0]["step"]) == 6
 
 
+def _config_logging_gamma_every_step(tmp_path: Path, config: str) -> str:
+    """The shipped config with the γ monitor logging every step (so two steps show γ)."""
+    text = (CONFIGS / config).read_text()
+    assert text.count("logging_interval: 50") == 1
+    path = tmp_path / config
+    path.write_text(text.replace("logging_interval: 50", "logging_interval: 1"))
+    return str(path)
+
+
+def _check_two_step_run(tmp_path: Path, config: str, model_cls, data_cls, lr: float, extra: list) -> None:
+    """The config builds the intended classes with M-SVAG (β 0.9, the config's α), trains two
+    steps, and TensorBoard holds the losses, the evaluations and γ from the monitor."""
+    args = _quick_fit_args(tmp_path, config, *extra)
+    args[args.index("--config") + 1] = _config_logging_gamma_every_step(tmp_path, config)
+    cli = build_cli(args[1:], run=False)
+    assert type(cli.model) is model_cls and type(cli.datamodule) is data_cls
+    monitors = [c for c in cli.trainer.callbacks if isinstance(c, lightning_msvag.VarianceAdaptationMonitor)]
+    assert len(monitors) == 1
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    (optimizer,) = cli.trainer.optimizers
+    assert type(optimizer) is lightning_msvag.MSVAG
+    assert optimizer.defaults["lr"] == lr and optimizer.defaults["beta"] == 0.9
+    assert all(int(s["step"]) == 2 for s in optimizer.state.values())
+    tags = _scalar_tags(tmp_path / "logs")
+    assert len(tags["train/loss"]) == 2 and "train_eval/loss" in tags and "test/accuracy" in tags
+    assert len(tags["gamma/all/mean"]) == 2 and all(0 <= g <= 1 for g in tags["gamma/all/mean"])
+
+
 def test_fmnist_config_runs_two_steps(tmp_path):
     write_fake_fashion_mnist(tmp_path / "data", n_train=16, n_test=8)
-    main(_quick_fit_args(tmp_path, "fmnist_2c2d.yaml", "--data.batch_size", "4"))
-    tags = _scalar_tags(tmp_path / "logs")
-    assert len(tags["train/loss"]) == 2 and "test/accuracy" in tags
+    _check_two_step_run(tmp_path, "fmnist_2c2d.yaml", TwoC2D, FashionMNISTDataModule, 0.1, ["--data.batch_size", "4"])
 
 
 @pytest.mark.parametrize(
-    "config,module,writer",
+    "config,model_cls,module,writer,lr",
     [
-        ("cifar10_3c3d.yaml", CIFAR10DataModule, write_fake_cifar10),
-        ("cifar100_wrn404.yaml", CIFAR100DataModule, write_fake_cifar100),
+        ("cifar10_3c3d.yaml", ThreeC3D, CIFAR10DataModule, write_fake_cifar10, 0.1),
+        ("cifar100_wrn404.yaml", WideResNet404, CIFAR100DataModule, write_fake_cifar100, 0.1),
     ],
 )
-def test_cifar_configs_run_two_steps(tmp_path, monkeypatch, config, module, writer):
+def test_cifar_configs_run_two_steps(tmp_path, monkeypatch, config, model_cls, module, writer, lr):
     writer(tmp_path / "data", n_train=16, n_test=8)
     patch_cifar_md5(monkeypatch, module, tmp_path / "data")
-    main(_quick_fit_args(tmp_path, config, "--data.batch_size", "4"))
-    tags = _scalar_tags(tmp_path / "logs")
-    assert len(tags["train/loss"]) == 2 and "train_eval/loss" in tags and "test/accuracy" in tags
+    _check_two_step_run(tmp_path, config, model_cls, module, lr, ["--data.batch_size", "4"])
 
 
 def test_wrn_config_has_the_paper_schedule(tmp_path, capsys):
@@ -131,7 +152,6 @@ def test_wrn_config_has_the_paper_schedule(tmp_path, capsys):
     ],
 )
 def test_optimizer_selected_by_name_or_config(tmp_path, optimizer_args, expected):
-    _copy_war_and_peace(tmp_path / "data")
     args = _quick_fit_args(tmp_path, "tolstoi_char_rnn.yaml", "--trainer.limit_val_batches", "0",
                            "--trainer.num_sanity_val_steps", "0", *optimizer_args)
     cli = build_cli(args[1:], run=False)  # without the subcommand: build, don't run
@@ -143,3 +163,156 @@ def test_optimizer_selected_by_name_or_config(tmp_path, optimizer_args, expected
     else:
         assert optimizer.defaults["beta"] == 0.9
         assert all(int(s["step"]) == 2 for s in optimizer.state.values())
+
+
+# ------------------------------------------------------------ the command as a user runs it
+def _run_command(args: list, cwd: Path, env_extra: dict | None = None, timeout: float = 300):
+    """``python -m lightning_msvag ARGS`` in ``cwd`` as a separate process (as from a shell)."""
+    env = {k: v for k, v in os.environ.items() if k != "LIGHTNING_MSVAG_TRACEBACK"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "lightning_msvag", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+_FIT_TWO_STEPS = ["fit", "--config", str(CONFIGS / "tolstoi_char_rnn.yaml"), "--trainer.max_steps", "2",
+                  "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.mark.parametrize(
+    "bad_args,message",
+    [
+        (["--optimizer.lr=-1"], "invalid learning rate -1.0"),
+        (["--optimizer.beta", "1.0"], "invalid beta 1.0"),
+        (["--data.batch_size", "0"], "batch_size must be >= 1, got 0"),
+        (["--data.batch_size", "7", "--trainer.strategy", "ddp", "--trainer.devices", "3"],
+         "must be divisible by the number of processes (3)"),
+    ],
+)
+def test_bad_input_ends_in_one_line_and_nonzero_exit(tmp_path, bad_args, message):
+    result = _run_command([*_FIT_TWO_STEPS, "--data.data_dir", str(tmp_path / "data"), *bad_args], tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lightning-msvag: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]  # one message, also under 3 ranks
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained or written
+
+
+def test_traceback_on_request(tmp_path):
+    shown = _run_command([*_FIT_TWO_STEPS, "--data.data_dir", str(tmp_path / "data"), "--optimizer.lr=-1"],
+                         tmp_path, {"LIGHTNING_MSVAG_TRACEBACK": "1"})
+    assert shown.returncode != 0 and "Traceback" in shown.stderr and "invalid learning rate" in shown.stderr
+
+
+def test_damaged_data_is_one_line(tmp_path):
+    target = tmp_path / "data" / "tolstoi" / "war-and-peace.txt"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"not the book")
+    result = _run_command([*_FIT_TWO_STEPS, "--data.data_dir", str(tmp_path / "data")], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("lightning-msvag: error:")]
+    assert str(target) in line and "sha256" in line
+    assert target.read_bytes() == b"not the book"  # never replaced
+
+
+def test_first_run_trains_on_packaged_text_quietly(tmp_path):
+    result = _run_command([*_FIT_TWO_STEPS, "--data.data_dir", str(tmp_path / "data"),
+                           "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    for noise in ("LeafSpec", "💡 Tip", "No CUDA runtime is found", "deprecated", "Warning"):
+        assert noise not in output, (noise, output[-3000:])
+    assert list((tmp_path / "logs" / "tolstoi_char_rnn").rglob("events.out.tfevents.*"))
+    assert list((tmp_path / "logs").rglob("last.ckpt"))
+
+
+@pytest.mark.parametrize("config", ["fmnist_2c2d.yaml", "cifar10_3c3d.yaml", "cifar100_wrn404.yaml", "tolstoi_char_rnn.yaml"])
+def test_configs_take_lightnings_checkpointing_and_logger_flags(tmp_path, config):
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    def built(*extra):
+        args = ["--config", str(CONFIGS / config), "--data.data_dir", str(tmp_path / "data"),
+                "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), *extra]
+        return build_cli(args, run=False).trainer
+
+    default = built()
+    assert sum(isinstance(c, ModelCheckpoint) for c in default.callbacks) == 1
+    assert default.checkpoint_callback.save_last is True
+    assert sum(isinstance(c, LearningRateMonitor) for c in default.callbacks) == 1
+    no_ckpt = built("--trainer.enable_checkpointing", "false")
+    assert not any(isinstance(c, ModelCheckpoint) for c in no_ckpt.callbacks)
+    no_logger = built("--trainer.logger", "false")
+    assert no_logger.logger is None and not any(isinstance(c, LearningRateMonitor) for c in no_logger.callbacks)
+    assert built("--trainer.precision", "bf16-mixed").precision == "bf16-mixed"
+    two = built("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    assert two.num_devices == 2
+
+
+def test_fit_without_checkpointing_or_logger_writes_nothing(tmp_path):
+    result = _run_command([*_FIT_TWO_STEPS, "--data.data_dir", str(tmp_path / "data"),
+                           "--trainer.enable_checkpointing", "false", "--trainer.logger", "false"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_configs_command_lists_and_writes_the_shipped_configs(tmp_path, capsys):
+    assert main(["configs"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert sorted(listed) == sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))
+    assert main(["configs", "--write", str(tmp_path)]) == 0
+    for name in listed:
+        assert (tmp_path / "configs" / name).read_bytes() == (CONFIGS / name).read_bytes()
+    assert main(["configs", "--write", str(tmp_path)]) == 1  # never overwrites
+    assert "not overwriting" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_non_editable_install_works_from_an_empty_folder(tmp_path):
+    """`pip install .` (not editable): configs come from the package, the text too."""
+    source, site = tmp_path / "source", tmp_path / "site"  # built from a copy: no build/ left in the checkout
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "data", "lightning_logs", "*.egg-info", "__pycache__", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(source)], check=True, capture_output=True, timeout=600)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {"PYTHONPATH": str(site)}
+    listed = subprocess.run([sys.executable, "-c", "import lightning_msvag, datamodules; "
+                             "print(lightning_msvag.__file__); print(datamodules.__file__)"],
+                            cwd=empty, env={**os.environ, **env}, capture_output=True, text=True, check=True)
+    assert all(line.startswith(str(site)) for line in listed.stdout.split()), listed.stdout
+    assert "m-svag" in _run_command(["--list-optimizers"], empty, env).stdout.split()
+    assert "--optimizer" in _run_command(["fit", "--help"], empty, env).stdout
+    assert _run_command(["configs", "--write", "."], empty, env).returncode == 0
+    result = _run_command(["fit", "--config", "configs/tolstoi_char_rnn.yaml", "--trainer.max_steps", "2",
+                           "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"], empty, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((empty / "lightning_logs" / "tolstoi_char_rnn").rglob("events.out.tfevents.*"))
+    assert not (empty / "data" / "tolstoi" / "war-and-peace.txt").exists()  # the packaged text was used
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+def test_every_listed_name_is_accepted_by_optimizer(tmp_path, method):
+    for spelling in (method.name, method.name.upper(), f"--optimizer={method.name}"):
+        option = [spelling] if spelling.startswith("--") else ["--optimizer", spelling]
+        cli = build_cli(["--config", str(CONFIGS / "tolstoi_char_rnn.yaml"), "--data.data_dir", str(tmp_path),
+                         "--trainer.logger", "false", *option], run=False)
+        assert cli.config["optimizer"]["class_path"] == method.class_path
+
+
+def test_optimizer_configs_are_the_method_tables():
+    for method in METHODS:
+        path = CONFIGS / "optimizers" / f"{method.config}.yaml"
+        assert path.read_text(encoding="utf-8") == optimizer_config_text(method), (
+            f"{path} differs from the method table; regenerate: python -c \"import lightning_msvag.registry as r; "
+            "r.write_optimizer_configs('configs/optimizers')\"")
+    assert sorted(p.stem for p in (CONFIGS / "optimizers").glob("*.yaml")) == sorted(m.config for m in METHODS)
+
+
+@pytest.mark.parametrize("value,expected", [("1", 1), ("2", 2), ("0.5", 0.5), ("1.0", 1.0)])
+def test_batch_limits_from_the_command_line_keep_lightnings_int_vs_fraction_meaning(tmp_path, value, expected):
+    """`--trainer.limit_val_batches 1` is one batch (an int); jsonargparse would pass 1.0 = all."""
+    cli = build_cli(["--config", str(CONFIGS / "tolstoi_char_rnn.yaml"), "--data.data_dir", str(tmp_path),
+                     "--trainer.logger", "false", "--trainer.limit_val_batches", value,
+                     f"--trainer.limit_train_batches={value}"], run=False)
+    for limit in (cli.trainer.limit_val_batches, cli.trainer.limit_train_batches):
+        assert limit == expected and type(limit) is type(expected)

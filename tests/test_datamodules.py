@@ -1,7 +1,7 @@
 """Tests of the data modules (datamodules/): real loading code on small files in the real formats.
 
 Nothing here touches the network: an autouse fixture makes ``urllib.request.urlopen`` raise.
-Tolstoi is tested on the real text (../shared/data/war_and_peace.txt, copied to tmp).
+Tolstoi is tested on the real text that ships with the package.
 """
 
 import colorsys
@@ -39,24 +39,14 @@ from datamodules.transforms import (
     cifar_train_transform,
 )
 
-try:  # tests/ on sys.path (pytest's default rootdir-less import mode)
-    from datamodule_fakes import (
-        gzip_fake_fashion_mnist,
-        patch_cifar_md5,
-        write_fake_cifar10,
-        write_fake_cifar100,
-        write_fake_fashion_mnist,
-    )
-except ImportError:  # tests is a package
-    from tests.datamodule_fakes import (
-        gzip_fake_fashion_mnist,
-        patch_cifar_md5,
-        write_fake_cifar10,
-        write_fake_cifar100,
-        write_fake_fashion_mnist,
-    )
+from tests.helpers.fakes import (
+    gzip_fake_fashion_mnist,
+    patch_cifar_md5,
+    write_fake_cifar10,
+    write_fake_cifar100,
+    write_fake_fashion_mnist,
+)
 
-WAR_AND_PEACE = Path(__file__).resolve().parents[2] / "shared/data/war_and_peace.txt"
 
 
 @pytest.fixture(autouse=True)
@@ -97,19 +87,18 @@ def leftovers(folder: Path):
 
 # ====================================================================== Tolstoi
 def place_war_and_peace(data_dir: Path, nbytes=None) -> Path:
-    if not WAR_AND_PEACE.is_file():
-        pytest.skip(f"{WAR_AND_PEACE} not available")
+    """A user's own copy of the text in <data_dir>/tolstoi (the packaged one, maybe cut short)."""
     dest = data_dir / "tolstoi" / "war-and-peace.txt"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    data = WAR_AND_PEACE.read_bytes()
+    data = tolstoi_mod.embedded_war_and_peace()
     dest.write_bytes(data if nbytes is None else data[:nbytes])
     return dest
 
 
 @pytest.fixture(scope="module")
 def tolstoi(tmp_path_factory):
+    """The data module on the packaged text (nothing placed in data_dir)."""
     data_dir = tmp_path_factory.mktemp("tolstoi_data")
-    place_war_and_peace(data_dir)
     dm = TolstoiDataModule(str(data_dir), download=False)
     dm.prepare_data()
     dm.setup("fit")
@@ -181,43 +170,45 @@ def test_tolstoi_cache_is_used_and_rebuilt(tolstoi, monkeypatch):
         cache.write_bytes(saved)
 
 
-def test_tolstoi_present_file_is_not_downloaded_again(tolstoi, monkeypatch):
+def test_tolstoi_embedded_text_is_the_deepobs_file_and_needs_no_network(tmp_path, monkeypatch):
     forbid_network(monkeypatch)
-    before = tolstoi.text_path.stat().st_mtime_ns
-    TolstoiDataModule(tolstoi.data_dir, download=True).prepare_data()
-    assert tolstoi.text_path.stat().st_mtime_ns == before
-
-
-def test_tolstoi_downloads_missing_file(tmp_path, monkeypatch):
-    if not WAR_AND_PEACE.is_file():
-        pytest.skip("shared text not available")
-    calls = serve(monkeypatch, WAR_AND_PEACE.read_bytes())
+    raw = tolstoi_mod.embedded_war_and_peace()
+    assert len(raw) == 3_291_641
+    assert hashlib.sha256(raw).hexdigest() == "3ed0f41cfdf660846878943bad5b9d575bcae1e4a92ee9a7f43d3c9dba2af344"
     dm = TolstoiDataModule(str(tmp_path), download=True)
     dm.prepare_data()
-    assert len(calls) == 1 and calls[0][0] == tolstoi_mod.TOLSTOI_URL and calls[0][1] is not None  # timeout set
-    assert dm.text_path.read_bytes() == WAR_AND_PEACE.read_bytes()
-    assert leftovers(tmp_path) == []
+    dm.setup()
+    assert not dm.text_path.exists()  # nothing downloaded or copied; only the id cache written
+    assert sorted(p.name for p in (tmp_path / "tolstoi").iterdir()) == [dm.cache_path.name]
+    assert len(dm.train_dataloader()) == 1045
 
 
-def test_tolstoi_download_failure_is_clear(tmp_path):
-    dm = TolstoiDataModule(str(tmp_path), download=True)
-    with pytest.raises(DataUnavailableError) as err:
+def test_tolstoi_user_file_takes_precedence_over_the_embedded_copy(tmp_path, monkeypatch):
+    place_war_and_peace(tmp_path)
+    monkeypatch.setattr(tolstoi_mod, "embedded_war_and_peace", lambda: pytest.fail("packaged copy read"))
+    dm = TolstoiDataModule(str(tmp_path), download=False)
+    dm.prepare_data()
+    dm.setup()
+    assert dm.decode(next(iter(dm.train_dataloader()))[0][0]).startswith("WAR AND PEACE")
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "flipped"])
+def test_tolstoi_damaged_embedded_copy_is_a_clear_error(tmp_path, monkeypatch, damage):
+    import lzma
+
+    raw = tolstoi_mod.embedded_war_and_peace()
+    broken = tmp_path / "broken.txt.xz"
+    if damage == "truncated":
+        broken.write_bytes(tolstoi_mod.EMBEDDED_TEXT.read_bytes()[:50_000])
+    elif damage == "flipped":
+        broken.write_bytes(lzma.compress(raw[:1000] + b"X" + raw[1001:]))
+    monkeypatch.setattr(tolstoi_mod, "EMBEDDED_TEXT", broken)
+    dm = TolstoiDataModule(str(tmp_path / "data"), download=True)
+    with pytest.raises(DataIntegrityError, match="reinstall lightning-msvag") as err:
         dm.prepare_data()
-    msg = str(err.value)
-    assert str(dm.text_path) in msg and tolstoi_mod.TOLSTOI_URL in msg and "URLError" in msg
-    assert not dm.text_path.exists() and leftovers(tmp_path) == []
-    with pytest.raises(DataUnavailableError, match="download=False"):
-        TolstoiDataModule(str(tmp_path), download=False).prepare_data()
-    with pytest.raises(DataUnavailableError):
-        TolstoiDataModule(str(tmp_path), download=False).setup()
-
-
-def test_tolstoi_download_with_wrong_content_is_discarded(tmp_path, monkeypatch):
-    serve(monkeypatch, b"<html>rate limited</html>")
-    dm = TolstoiDataModule(str(tmp_path), download=True)
-    with pytest.raises(DataIntegrityError, match="wrong sha256"):
-        dm.prepare_data()
-    assert not dm.text_path.exists() and leftovers(tmp_path) == []
+    assert str(broken) in str(err.value)
+    if damage == "flipped":
+        assert tolstoi_mod.TOLSTOI_RAW_SHA256 in str(err.value)
 
 
 @pytest.mark.parametrize("nbytes, word", [(1_000_000, "TRUNCATED"), (0, "EMPTY")])
@@ -696,13 +687,64 @@ def test_saturation_matches_hsv_reference(factor):
             np.testing.assert_allclose(out[:, i, j], ref, atol=1e-9)
 
 
-def test_cifar_transforms_shapes():
-    img = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+def _reference_cifar_train(img: np.ndarray, pixel_range: float, seed: int) -> np.ndarray:
+    """DeepOBS's CIFAR training augmentation written out in NumPy (float64), in its order:
+    pad 2 -> crop 32 -> h-flip -> brightness -> saturation (HSV, colorsys) -> contrast ->
+    per-image standardisation. The random numbers are drawn from torch's generator seeded
+    with ``seed`` in the order the pipeline consumes them (crop offsets, flip, then one
+    uniform each for brightness, saturation, contrast)."""
+    gen = torch.Generator().manual_seed(seed)
+    top = int(torch.randint(0, 2 * 2 + 1, size=(1,), generator=gen))
+    left = int(torch.randint(0, 2 * 2 + 1, size=(1,), generator=gen))
+    flip = float(torch.rand(1, generator=gen)) < 0.5
+    u_brightness, u_saturation, u_contrast = (float(torch.rand((), generator=gen)) for _ in range(3))
+    x = img.astype(np.float64).transpose(2, 0, 1) * (pixel_range / 255.0)
+    x = np.pad(x, ((0, 0), (2, 2), (2, 2)))[:, top : top + 32, left : left + 32]
+    if flip:
+        x = x[:, :, ::-1]
+    x = x + (-63 / 255 + 2 * 63 / 255 * u_brightness)  # delta in the image's own units
+    factor = 0.5 + u_saturation
+    out = np.empty_like(x)
+    for i in range(32):
+        for j in range(32):
+            r, g, b = x[:, i, j]
+            v = max(r, g, b)
+            if v <= 0:
+                out[:, i, j] = v  # TF: no saturation for V <= 0, grey at V
+                continue
+            h, s_, v = colorsys.rgb_to_hsv(r, g, b)
+            out[:, i, j] = colorsys.hsv_to_rgb(h, min(max(s_ * factor, 0.0), 1.0), v)
+    x = out
+    contrast = 0.2 + 1.6 * u_contrast
+    mean = x.mean(axis=(1, 2), keepdims=True)
+    x = (x - mean) * contrast + mean
+    return (x - x.mean()) / max(x.std(), 1 / math.sqrt(x.size))
+
+
+@pytest.mark.parametrize("pixel_range", [1.0, 255.0])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_cifar_train_transform_equals_a_reference_composition(pixel_range, seed):
+    img = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    torch.manual_seed(seed)
+    out = cifar_train_transform(pixel_range)(torch.from_numpy(img))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), _reference_cifar_train(img, pixel_range, seed), rtol=0, atol=2e-4)
+
+
+def test_cifar_brightness_delta_is_63_over_255_in_the_images_units():
+    """With pixel_range 255 (DeepOBS-TF's raw scale) the delta stays ≤ 63/255, i.e. a quarter
+    grey level: it is not rescaled with the pixels."""
+    brightness = TFRandomBrightness(datamodules.transforms.CIFAR_BRIGHTNESS_MAX_DELTA)
     torch.manual_seed(0)
+    deltas = torch.tensor([float(brightness(torch.zeros(1))) for _ in range(2000)])
+    assert float(deltas.abs().max()) <= 63 / 255 and float(deltas.abs().max()) > 0.95 * 63 / 255
+    assert float(deltas.min()) < 0 < float(deltas.max())
+
+
+def test_cifar_eval_transform_is_standardisation_only():
+    img = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     for pixel_range in (1.0, 255.0):
-        out = cifar_train_transform(pixel_range)(img)
-        assert out.shape == (3, 32, 32) and out.dtype == torch.float32 and torch.isfinite(out).all()
-    a = cifar_eval_transform(1.0)(img)
-    b = cifar_eval_transform(255.0)(img)
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # the standardisation is scale-invariant here
+        x = img.permute(2, 0, 1).double()
+        expected = (x - x.mean()) / max(float(x.std(unbiased=False)), 1 / math.sqrt(3072))
+        torch.testing.assert_close(cifar_eval_transform(pixel_range)(img).double(), expected, atol=1e-5, rtol=0)
     assert datamodules.transforms.CIFAR_BRIGHTNESS_MAX_DELTA == 63 / 255
