@@ -19,6 +19,9 @@ from lightning_msvag.cli import build_cli, main
 from lightning_msvag.registry import METHODS, optimizer_config_text
 from models import ThreeC3D, TwoC2D, WideResNet404
 
+#: end-to-end runs (Lightning fits, subprocesses): part of the full suite, not of -m "not slow"
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 

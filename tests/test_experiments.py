@@ -246,6 +246,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_benchmark_end_to_end_resume_and_collect(tmp_path, tolstoi_dir, one_thread, capsys):
     out = tmp_path / "sweep"
     args = _tiny_p4(out, tolstoi_dir, "--methods", "m-sgd", "m-ssd", "--grid", "m-sgd=1e6,1", "--grid", "m-ssd=0.01",
@@ -301,6 +302,7 @@ def test_benchmark_end_to_end_resume_and_collect(tmp_path, tolstoi_dir, one_thre
     assert "## Incomplete" in (other / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_benchmark_subprocess_failure_is_recorded(tmp_path, tolstoi_dir):
     out = tmp_path / "fail"
     args = _tiny_p4(out, tolstoi_dir, "--methods", "adam", "--grid", "adam=0.01", "--num-seeds", "1",

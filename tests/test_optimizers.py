@@ -47,7 +47,12 @@ PATHS = {
     "cuda-single": (dict(foreach=False), None, None, "cuda"),
     "cuda-multi": (dict(foreach=True), None, None, "cuda"),
 }
-PATH_MARKS = {name: [CUDA] if name.startswith("cuda") else [] for name in PATHS}
+#: the plain reference path and the default path run in the quick suite; the others (which
+#: must agree with them) in the full one (pytest -m "not slow" is the edit-test loop)
+_QUICK_PATHS = ("single", "default")
+PATH_MARKS = {
+    name: [CUDA] if name.startswith("cuda") else ([] if name in _QUICK_PATHS else [pytest.mark.slow]) for name in PATHS
+}
 
 
 def _path_params():
@@ -103,7 +108,8 @@ def _make_params(rng, dtype):
     return params
 
 
-@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-10, 1e-12), (torch.float32, 1e-5, 1e-5)])
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-10, 1e-12),
+                                              pytest.param(torch.float32, 1e-5, 1e-5, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
 @pytest.mark.parametrize("path", _path_params())
 @pytest.mark.parametrize("method", list(CLASSES))

@@ -34,6 +34,9 @@ from lightning_msvag.fault_tolerance import (
 )
 from models import CharLSTM, ThreeC3D, TwoC2D, WideResNet404
 
+#: end-to-end runs (Lightning fits, subprocesses): part of the full suite, not of -m "not slow"
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 
