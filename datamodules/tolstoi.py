@@ -213,7 +213,8 @@ class TolstoiDataModule(pl.LightningDataModule):
             processes under DDP.
         seq_len: Characters per row and batch (DeepOBS: 50).
         num_workers: ``DataLoader`` worker processes (0 = main process).
-        seed: Unused (Tolstoi is never shuffled); accepted for a uniform interface.
+        seed: Seeds the loaders' own generators (which only seed worker processes: Tolstoi is
+            never shuffled); kept for the interface the image data modules share.
         download: Unused (the text ships with the package); accepted for the interface
             the image data modules share.
         pin_memory: Passed to the data loaders.
