@@ -9,7 +9,8 @@
 
 ``--model`` and ``--data`` take any LightningModule / LightningDataModule (the configs use
 ``models.*`` and ``datamodules.*``). ``--optimizer`` takes this project's optimizers by class
-name (``MSGD``, ``MSSD``, ``MSVAG``, ``SVAG``) as well as torch's (``Adam``, ``SGD``, ...), and
+name (``MSGD``, ``MSSD``, ``MSVAG``, ``SVAG``, ``SSD``) or registry name (``m-svag``, any name
+``--list-optimizers`` prints) as well as torch's (``Adam``, ``SGD``, ...), and
 ``--lr_scheduler`` any ``torch.optim.lr_scheduler`` class.
 
 Callbacks the project adds by default (so that the configs stay free of them and Lightning's
