@@ -40,11 +40,12 @@ On-disk layout expected under ``data_dir`` (torchvision's layout for the image s
 Files that are present are never overwritten or deleted; a present file with the wrong
 checksum raises :class:`DataIntegrityError` naming the file and both checksums.  Missing
 files without a working download raise :class:`DataUnavailableError` listing the exact
-paths to place.  Both are ``RuntimeError`` subclasses.  Downloads use a 60 s network
+paths to place.  Both are ``RuntimeError`` and :class:`lightning_msvag.errors.UserError`
+subclasses (the command reports them in one line).  Downloads use a 60 s network
 timeout and a temporary file renamed into place after the checksum matched; archives
 are unpacked file by file the same way.
 
-Every training loader is a :class:`~datamodules._image.ResumableDataLoader`: a Lightning
+Every training loader is a :class:`~lightning_msvag.resumable.ResumableDataLoader`: a Lightning
 checkpoint stores its position in the epoch and its shuffle generator's state, and a run
 resumed from it continues with exactly the batches the uninterrupted run would have seen
 (docs/long_runs.md).

@@ -9,7 +9,8 @@ Every download goes through :func:`download_file`, which
 
 Failures are reported as :class:`DataUnavailableError` (nothing usable on disk and no
 download possible) or :class:`DataIntegrityError` (a file is there but has the wrong
-content); both are ``RuntimeError`` subclasses whose message says what to place where.
+content); both are ``RuntimeError`` and :class:`~lightning_msvag.errors.UserError` subclasses
+whose message says what to place where.
 """
 
 import gzip
@@ -24,6 +25,8 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Sequence
 
+from lightning_msvag.errors import UserError
+
 #: Seconds that one network read may block before a download gives up.
 DOWNLOAD_TIMEOUT_S = 60.0
 
@@ -33,11 +36,11 @@ DOWNLOAD_TIMEOUT_S = 60.0
 DOWNLOAD_ERRORS = (OSError, HTTPException, EOFError, tarfile.TarError, zlib.error, ValueError)
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(UserError, RuntimeError):
     """The data set files are missing and could not be downloaded."""
 
 
-class DataIntegrityError(RuntimeError):
+class DataIntegrityError(UserError, RuntimeError):
     """A data set file is present but its content is not what was expected."""
 
 

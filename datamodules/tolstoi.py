@@ -40,9 +40,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
 from ._files import DataIntegrityError, describe_exception, verify_file
+from lightning_msvag.resumable import ResumableDataLoader, ResumableSampler
+
 from ._image import (
-    ResumableDataLoader,
-    ResumableSampler,
     check_common_args,
     check_positive_int,
     distributed_shard,
@@ -391,7 +391,7 @@ class TolstoiDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """All training batches in stream order (never shuffled), resumable mid-epoch.
 
-        A :class:`~datamodules._image.ResumableDataLoader`: a Lightning checkpoint stores
+        A :class:`~lightning_msvag.resumable.ResumableDataLoader`: a Lightning checkpoint stores
         how many batches of the epoch were trained on, and a resumed run continues with the
         next one (the model carries the matching recurrent state in the same checkpoint).
         """

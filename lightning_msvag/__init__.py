@@ -4,9 +4,10 @@ M-SGD, M-SSD, M-SVAG, SVAG and SSD as ``torch.optim.Optimizer`` subclasses, a na
 and (in submodules) PyTorch Lightning callbacks and a CLI. See docs/algorithm.md for the formulas.
 """
 
-from .functional import UpdateRule, bias_correction, variance_adaptation_factor, variance_ratio
+from .functional import variance_adaptation_factor
 from .optimizers import MSGD, MSSD, MSVAG, SSD, SVAG, DissectedOptimizer
 from .registry import available_optimizers, build_optimizer
+from .rule import UpdateRule, bias_correction, variance_ratio
 
 __version__ = "0.1.0"
 

@@ -50,8 +50,10 @@ class VarianceAdaptationMonitor(Callback):
         logging_interval: log when ``trainer.global_step % logging_interval == 0``;
             ``None`` follows the trainer's ``log_every_n_steps``.
         track_moments: for M-SGD / M-SSD, keep a v~ buffer per parameter (rank zero only,
-            updated in ``on_before_optimizer_step``, not checkpointed: it restarts at zero
-            on every ``fit``, also on a resume) to log the γ M-SVAG would apply.
+            updated in ``on_before_optimizer_step``) to log the γ M-SVAG would apply. It
+            starts at zero on every ``fit`` and is part of the callback's state
+            (``state_dict``), so a fit resumed from a checkpoint continues it: the logged γ
+            equals an uninterrupted run's.
         per_tensor: log the per-tensor statistics; ``False`` logs only ``all``.
         histograms: write the γ histograms (the ``gamma_hist`` statistic).
         num_bins: buckets of the displayed γ histogram; must divide ``quantile_bins``.
@@ -99,11 +101,26 @@ class VarianceAdaptationMonitor(Callback):
         self._warned: set = set()
         self._last_logged_step = -1
         self._tracker = MomentTracker()
+        self._names: Dict[Tensor, str] = {}  # parameter -> name, for the tracker's state
+        self._restored: Optional[Dict[str, Any]] = None  # tracker state from a checkpoint
+
+    # ------------------------------------------------------------------ callback state
+    def state_dict(self) -> Dict[str, Any]:
+        """The tracked v~ (``track_moments``), by parameter name; empty otherwise (nothing is stored)."""
+        if not self.track_moments or not len(self._tracker):
+            return {}
+        return {"moment_tracker": self._tracker.state_dict(self._names)}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        # Lightning restores callback states before the parameters are on their device;
+        # the buffers are matched to them in on_train_start
+        self._restored = state_dict.get("moment_tracker")
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._disabled = None
-        self._tracker = MomentTracker()  # v~ restarts at zero on every fit, also on a resume
+        self._tracker = MomentTracker()  # v~ starts at zero on every fit ...
+        restored, self._restored = self._restored, None
         self._last_logged_step = -1
         reason = _sharding_reason(trainer)
         if reason is not None:
@@ -124,6 +141,11 @@ class VarianceAdaptationMonitor(Callback):
                 "VarianceAdaptationMonitor: no TensorBoardLogger among the trainer's loggers; "
                 "γ histograms are skipped (scalars are still logged).",
             )
+        if self.track_moments:
+            self._names = {p: name for name, p in pl_module.named_parameters()}
+            if restored is not None and trainer.is_global_zero:
+                # ... and a resumed fit continues the checkpoint's (docs/monitoring.md)
+                self._tracker.load_state_dict(restored, {name: p for p, name in self._names.items()})
 
     def on_before_optimizer_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Optimizer

@@ -33,11 +33,18 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
+
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from pytorch_lightning import LightningDataModule, LightningModule, Trainer
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from . import __version__, available_optimizers
 from . import callbacks as _callbacks  # noqa: F401  (imported so short class names resolve:
 from . import optimizers as _optimizers  # noqa: F401   --optimizer MSVAG, --trainer.callbacks+=VarianceAdaptationMonitor)
+from .errors import UserError
+from .fault_tolerance import fault_tolerance_callbacks, verify_checkpoint_archive
 
 #: Set to 1 to see the traceback of an error that the command otherwise reports in one line.
 TRACEBACK_ENV = "LIGHTNING_MSVAG_TRACEBACK"
@@ -54,10 +61,6 @@ def _configs_root() -> Path:
 
 def default_callbacks(trainer_config: dict) -> list:
     """The callbacks the project adds to ``trainer_config`` (see the module docstring)."""
-    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-
-    from .fault_tolerance import fault_tolerance_callbacks
-
     configured = list(trainer_config.get("callbacks") or [])
     added: list = []
     checkpointing = trainer_config.get("enable_checkpointing") is not False
@@ -70,30 +73,30 @@ def default_callbacks(trainer_config: dict) -> list:
     return added
 
 
-def _cli_class():
-    from pytorch_lightning.cli import LightningCLI
+class MSVAGCLI(LightningCLI):
+    """LightningCLI plus the project's default callbacks and a checked ``--ckpt_path``.
 
-    class MSVAGCLI(LightningCLI):
-        """LightningCLI plus the project's default callbacks and a checked ``--ckpt_path``."""
+    Built on LightningCLI's public hooks only: ``parse_arguments`` (check the checkpoint
+    archive right after parsing) and ``instantiate_trainer(**kwargs)`` (the callbacks and
+    integer batch limits go in as trainer arguments).
+    """
 
-        def _parse_ckpt_path(self) -> None:
-            # LightningCLI unpickles the checkpoint's hyperparameters before any callback
-            # runs: refuse a damaged archive here, in one line (docs/long_runs.md)
-            from .fault_tolerance import verify_checkpoint_archive
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self.argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
+        super().parse_arguments(parser, args)
+        # LightningCLI unpickles the checkpoint's hyperparameters right after parsing, before
+        # any callback runs: refuse a damaged archive here, in one line (docs/long_runs.md)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            verify_checkpoint_archive(ckpt_path)
 
-            subcommand = self.config.get("subcommand")
-            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-            if ckpt_path and Path(ckpt_path).is_file():
-                verify_checkpoint_archive(ckpt_path)
-            super()._parse_ckpt_path()
-
-        def instantiate_trainer(self, **kwargs: Any):
-            trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-            trainer_config.update(_integer_batch_limits(self._argv))
-            extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
-            return self._instantiate_trainer(trainer_config, extra + default_callbacks(trainer_config))
-
-    return MSVAGCLI
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_config = {**config.get("trainer", {}), **kwargs}
+        configured = list(trainer_config.get("callbacks") or [])
+        kwargs = {**_integer_batch_limits(self.argv), **kwargs, "callbacks": configured + default_callbacks(trainer_config)}
+        return super().instantiate_trainer(**kwargs)
 
 
 def with_registry_names_resolved(argv: List[str]) -> List[str]:
@@ -138,16 +141,12 @@ def build_cli(argv: Optional[List[str]] = None, run: bool = True):
     """The project's LightningCLI on ``argv`` (``None``: the command line); ``run=False``
     builds model, data and trainer from ``argv`` (no subcommand then) without running
     anything, for scripting and tests."""
-    from pytorch_lightning import LightningDataModule, LightningModule
-
-    cli_class = _cli_class()
-    cli_class._argv = with_registry_names_resolved(sys.argv[1:] if argv is None else argv)
-    return cli_class(
+    return MSVAGCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=cli_class._argv,
+        args=with_registry_names_resolved(sys.argv[1:] if argv is None else argv),
         run=run,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=True,
@@ -179,13 +178,9 @@ class UsageError(ValueError):
     """A command-line mistake; reported in one line."""
 
 
-def _user_errors() -> tuple:
-    """Exceptions that describe a mistake in the user's input or data, not a bug."""
-    from lightning_fabric.utilities.exceptions import MisconfigurationException
-
-    from datamodules import DataIntegrityError, DataUnavailableError
-
-    return (ValueError, FileNotFoundError, DataIntegrityError, DataUnavailableError, MisconfigurationException)
+#: Exceptions that describe a mistake in the user's input or data, not a bug. Data modules
+#: (the project's ``datamodules`` or a user's) raise :class:`~lightning_msvag.errors.UserError`.
+USER_ERRORS = (ValueError, FileNotFoundError, UserError, MisconfigurationException)
 
 
 def _global_rank() -> int:
@@ -241,7 +236,26 @@ def _quiet_library_noise() -> None:
         logging.getLogger(name).addFilter(_DropAdvertisements())
 
 
+def run_guarded(command: Callable[[], Optional[int]]) -> int:
+    """Run ``command`` the way every subcommand runs: library noise silenced, a user error
+    (:data:`USER_ERRORS`) reported in one line with exit status 1, Ctrl-C as 130;
+    ``LIGHTNING_MSVAG_TRACEBACK=1`` re-raises instead."""
+    show_traceback = os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+    _quiet_library_noise()
+    try:
+        return command() or 0
+    except KeyboardInterrupt:
+        if show_traceback:
+            raise
+        return 130
+    except Exception as error:
+        if show_traceback or not isinstance(error, USER_ERRORS):
+            raise
+        return _report(error)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """``lightning-msvag`` without ``reproduce`` (see :mod:`lightning_msvag.command`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--version"]:
         print(f"lightning-msvag {__version__}")
@@ -249,25 +263,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["--list-optimizers"]:
         print("\n".join(available_optimizers()))
         return 0
-    show_traceback = os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
-    _quiet_library_noise()
-    try:
-        if argv[:1] == ["configs"]:
-            return configs_command(argv[1:])
-        if argv[:1] == ["reproduce"]:
-            from .experiments import main as reproduce
+    if argv[:1] == ["configs"]:
+        return run_guarded(lambda: configs_command(argv[1:]))
 
-            return reproduce(argv[1:])
+    def fit_or_evaluate() -> None:
         build_cli(argv)
-    except KeyboardInterrupt:
-        if show_traceback:
-            raise
-        return 130
-    except Exception as error:
-        if show_traceback or not isinstance(error, _user_errors()):
-            raise
-        return _report(error)
-    return 0
+
+    return run_guarded(fit_or_evaluate)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,14 @@ A factor ties γ to the estimated relative variance η̂² through γ = (1 + λ 
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, List, NamedTuple, Optional
+from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .functional import bias_correction, variance_adaptation_factor, variance_ratio
+from .functional import variance_adaptation_factor
+from .rule import UpdateRule, bias_correction, variance_ratio
 
 __all__ = [
     "Factor", "MomentTracker", "UnreadableOptimizer", "read_factors", "dissected_factors", "adam_factors",
@@ -58,9 +59,12 @@ class MomentTracker:
     """v~ for optimizers that keep none (M-SGD, M-SSD): one buffer per parameter, its own step count.
 
     ``update(optimizer)`` must run once per optimizer step, with the gradients the step will
-    use (the monitor calls it in ``on_before_optimizer_step``). Not checkpointed: a fresh
-    tracker starts v~ at zero, and :func:`dissected_factors` bias-corrects it with its own
-    count (re-weighted to the optimizer's step k).
+    use (the monitor calls it in ``on_before_optimizer_step``). ``state_dict(names)`` /
+    ``load_state_dict(state, params)`` carry v~ and the counts across a checkpoint, keyed by
+    parameter name (the monitor's callback state), so a resumed run tracks the same γ as an
+    uninterrupted one. A tracker started without that state (a fresh fit, or a resume from
+    a checkpoint written without it) starts v~ at zero, and :func:`dissected_factors`
+    bias-corrects it with its own count (re-weighted to the optimizer's step k).
     """
 
     def __init__(self) -> None:
@@ -82,6 +86,25 @@ class MomentTracker:
                     entry = self.buffers[p] = [torch.zeros_like(p, memory_format=torch.preserve_format), 0]
                 entry[0].mul_(beta).addcmul_(p.grad, p.grad, value=1.0 - beta)
                 entry[1] += 1
+
+    def state_dict(self, names: Mapping[Tensor, str]) -> Dict[str, Dict[str, object]]:
+        """``{name: {"v": v~, "steps": count}}`` for every tracked parameter named in ``names``
+        (tensors and ints only: a checkpoint loads with ``torch.load(weights_only=True)``)."""
+        return {names[p]: {"v": v, "steps": int(count)} for p, (v, count) in self.buffers.items() if p in names}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, object]], params: Mapping[str, Tensor]) -> None:
+        """Replace the buffers by ``state`` (from :meth:`state_dict`), matched to ``params`` by name."""
+        buffers: Dict[Tensor, List] = {}
+        for name, entry in state.items():
+            p = params.get(name)
+            v = entry["v"]
+            if p is None or tuple(v.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"the checkpoint's tracked second moment of {name!r} does not fit the model "
+                    f"({'no such parameter' if p is None else f'shape {tuple(v.shape)} vs {tuple(p.shape)}'})"
+                )
+            buffers[p] = [v.to(device=p.device, dtype=p.dtype, copy=True), int(entry["steps"])]
+        self.buffers = buffers
 
     def second_moment(self, p: Tensor, beta: float, step: int) -> Optional[Tensor]:
         """v~ of ``p`` weighted as if it had been averaged over ``step`` steps; ``None`` if never updated."""
@@ -151,10 +174,8 @@ def read_factors(optimizer: Optimizer, tracker: Optional[MomentTracker] = None) 
     Supported: MSVAG, SVAG, ``torch.optim.Adam`` / ``AdamW``, and MSGD / MSSD when a
     ``tracker`` is given. Raises before anything is read, so callers can warn and skip.
     """
-    from .optimizers import DissectedOptimizer  # optimizers.py imports this module
-
     name = type(optimizer).__name__
-    if isinstance(optimizer, DissectedOptimizer):
+    if _is_dissected(optimizer):
         if not optimizer.rule.variance_adaptation and tracker is None:
             raise UnreadableOptimizer(
                 f"{name} keeps no second moment; pass track_moments=True to log the γ M-SVAG would apply "
@@ -173,6 +194,10 @@ def read_factors(optimizer: Optimizer, tracker: Optional[MomentTracker] = None) 
 
 def is_untracked_dissected(optimizer: Optimizer) -> bool:
     """An M-SGD / M-SSD: γ needs a :class:`MomentTracker`."""
-    from .optimizers import DissectedOptimizer
+    return _is_dissected(optimizer) and not optimizer.rule.variance_adaptation
 
-    return isinstance(optimizer, DissectedOptimizer) and not optimizer.rule.variance_adaptation
+
+def _is_dissected(optimizer: Optimizer) -> bool:
+    """A :class:`~lightning_msvag.DissectedOptimizer`, known by its :class:`~lightning_msvag.rule.UpdateRule`
+    (not by ``isinstance``: :mod:`lightning_msvag.optimizers` imports this module, not the reverse)."""
+    return isinstance(getattr(optimizer, "rule", None), UpdateRule)

@@ -4,9 +4,10 @@ Three Lightning callbacks, added by the ``lightning-msvag`` command by default
 (:func:`fault_tolerance_callbacks`):
 
 * :class:`ExactResume` stores every process's RNG states (torch CPU and CUDA, numpy,
-  python) in each checkpoint and restores them when a fit resumes, just before the first
-  training batch; it also tells the project's :class:`~datamodules._image.ResumableDataLoader`
-  how many batches an epoch has, so the checkpoint records where in the epoch the run is.
+  python) in each checkpoint (its callback state) and restores them when a fit resumes, just
+  before the first training batch; it also tells the
+  :class:`~lightning_msvag.resumable.ResumableDataLoader` how many batches an epoch has, so
+  the checkpoint records where in the epoch the run is.
   Together with the loaders' state (which Lightning stores itself) and the char-LSTM's
   carried state, ``N steps + resume + M steps`` equals ``N + M`` steps straight, bitwise on CPU.
 * :class:`PreemptionCheckpoint`: on SIGTERM (a cluster pre-empting the job) or the SLURM
@@ -35,6 +36,8 @@ import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.plugins.io import CheckpointIO
 
+from .resumable import ResumableDataLoader
+
 __all__ = [
     "CheckpointError",
     "CheckpointGuard",
@@ -48,10 +51,6 @@ __all__ = [
     "set_rng_state",
     "verify_checkpoint_archive",
 ]
-
-#: Checkpoint key of the per-process RNG states (see :class:`ExactResume`).
-RNG_KEY = "lightning_msvag_rng_states"
-
 
 # ============================================================================ RNG states
 def rng_state() -> Dict[str, Any]:
@@ -82,32 +81,46 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _all_gather_objects(obj: Any, trainer: Trainer) -> List[Any]:
-    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+def _all_gather_objects(obj: Any) -> List[Any]:
+    """``obj`` of every process of the default process group (the one DDP trains in), rank order."""
+    if (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
         gathered: List[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, obj)
         return gathered
     return [obj]
 
 
-def _resumable_loaders(trainer: Trainer) -> Iterator[Any]:
-    from datamodules._image import ResumableDataLoader
+def _resumable_loaders(trainer: Trainer) -> Iterator[ResumableDataLoader]:
+    """The trainer's training loaders (one, or a list / dict of them) that are resumable."""
+    pending = [trainer.train_dataloader]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, ResumableDataLoader):
+            yield item
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
 
-    loader = trainer.fit_loop._combined_loader
-    for dl in ([] if loader is None else loader.flattened):
-        if isinstance(dl, ResumableDataLoader):
-            yield dl
+
+_LEGACY_RNG_KEY = "lightning_msvag_rng_states"
 
 
 class ExactResume(Callback):
     """Store each process's RNG states in checkpoints; restore them when a fit resumes.
 
-    Saved under ``checkpoint["lightning_msvag_rng_states"]`` as one entry per process (rank
-    order, gathered under DDP). On resume each rank takes its own entry back in
-    ``on_train_start``, i.e. after the sanity check and after the training loader's iterator
-    exists, just before the first batch is fetched (CPU augmentation draws at fetch time), so
-    the resumed run draws the same dropout masks and augmentations as the uninterrupted one.
-    A checkpoint written with another number of processes restores nothing (with a warning).
+    The callback's state (``state_dict``, which Lightning stores under
+    ``checkpoint["callbacks"]["ExactResume"]`` like ``EarlyStopping``'s) is
+    ``{"world_size": W, "ranks": [one entry per process]}`` (rank order, gathered under
+    DDP). Lightning hands it back through ``load_state_dict`` while it restores the
+    checkpoint, before the sanity check; setting the RNG states then would let the sanity
+    check and the loader setup draw from them. So it is only kept there, and each rank takes
+    its own entry back in ``on_train_start``, i.e. after the sanity check and after the
+    training loader's iterator exists, just before the first batch is fetched (CPU
+    augmentation draws at fetch time), so the resumed run draws the same dropout masks and
+    augmentations as the uninterrupted one. A checkpoint written with another number of
+    processes restores nothing (with a warning).
 
     It also sets ``epoch_batches`` (= ``trainer.num_training_batches``) on the project's
     resumable training loaders, so that a checkpoint at the end of an epoch shortened by
@@ -117,12 +130,20 @@ class ExactResume(Callback):
     def __init__(self) -> None:
         self._pending: Optional[Dict[str, Any]] = None
 
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
-        states = _all_gather_objects(rng_state(), trainer)
-        checkpoint[RNG_KEY] = {"world_size": len(states), "ranks": states}
+    def state_dict(self) -> Dict[str, Any]:
+        # called on every process while a checkpoint is assembled, so under DDP all ranks
+        # take part in the gather; tensors and plain values only (weights_only=True loads it)
+        states = _all_gather_objects(rng_state())
+        return {"world_size": len(states), "ranks": states}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._pending = state_dict
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
-        self._pending = checkpoint.get(RNG_KEY)
+        # checkpoints of version 0.1.0 kept the states under a top-level key of their own
+        # (a checkpoint holds either that key or the callback state, never both)
+        if _LEGACY_RNG_KEY in checkpoint:
+            self._pending = checkpoint[_LEGACY_RNG_KEY]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for loader in _resumable_loaders(trainer):
@@ -310,6 +331,9 @@ def _requeue_signal(trainer: Trainer) -> int:
     """The cluster environment's requeue signal (SLURM: SIGUSR1 unless configured), else SIGUSR1."""
     env = getattr(trainer.strategy, "cluster_environment", None)
     if env is None:
+        # Lightning's one private left here: single-device strategies expose no cluster
+        # environment, and a SLURMEnvironment(requeue_signal=...) plugin is reachable only
+        # through the accelerator connector (Lightning's own signal handling reads it there)
         env = getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
     return int(getattr(env, "requeue_signal", None) or signal.SIGUSR1)
 

@@ -1,34 +1,16 @@
-"""Functional core of the "Dissecting Adam" optimizer family (docs/algorithm.md §1, paper Alg. 1 and 2).
+"""The paths of the "Dissecting Adam" update: single-tensor, multi-tensor, fused kernel (docs/algorithm.md §1).
 
-The paper splits Adam into two orthogonal aspects, the *sign* of the update direction and
-*variance adaptation*, on top of one moment estimator. :class:`UpdateRule` holds the
-switches; every optimizer of the family is one setting of them:
-
-=========  ===========  =====  ===================
-name       direction    sign   variance adaptation
-=========  ===========  =====  ===================
-M-SGD      momentum     no     no
-M-SSD      momentum     yes    no
-M-SVAG     momentum     no     yes
-SVAG       gradient     no     yes
-SSD        gradient     yes    no     (no moving average at all)
-=========  ===========  =====  ===================
-
-(Adam is momentum + sign + variance adaptation; the project uses ``torch.optim.Adam`` for it.)
-
-One definition of the math
---------------------------
-:func:`_update_math` is the only place where the update is written: the moment estimator,
-the direction (m~, g or their sign), γ and the parameter update. It is written against a
-small set of elementwise operations (``ops``), and every path runs *that* function:
+The math lives in :mod:`lightning_msvag.rule` (:class:`~lightning_msvag.rule.UpdateRule`,
+the coefficients, :func:`~lightning_msvag.rule._update_math`); this module runs it over
+lists of tensors. Every path runs *that* ``_update_math``, with its own ``ops`` backend:
 
 * single-tensor path (``foreach=False``): ``ops`` are in-place torch ops on one tensor (or
   one CPU tile of it). With ``tile_numel=None`` this is the plain, untiled reference path.
 * multi-tensor path (``foreach=True``): ``ops`` are ``torch._foreach_*`` ops over lists;
   the default on CUDA.
 * fused CPU kernel (``fused=True``, the default on CPU): ``ops`` emit C++ expressions;
-  :mod:`lightning_msvag._cpu_kernel` traces :func:`_update_math` once per rule of
-  :data:`RULES` into a multi-tensor C++ kernel (one call per param group: ``at::parallel_for``
+  :mod:`lightning_msvag._cpu_kernel` traces ``_update_math`` once per rule of
+  :data:`~lightning_msvag.rule.RULES` into a multi-tensor C++ kernel (one call per param group: ``at::parallel_for``
   over the concatenated index space of all its tensors, each element read once and written
   once; the same traffic as torch's fused Adam: read g, θ, m~, v~, write θ, m~, v~, and no
   temporaries). The kernel is compiled once per machine and version (about 1-3 s with the
@@ -38,7 +20,7 @@ small set of elementwise operations (``ops``), and every path runs *that* functi
   fails) one warning is raised and the multi-tensor path is used.
 
 The scalars (bias correction, ρ, the coefficients of γ, the step size) are computed in
-Python, once per (step, group), by :func:`_coefficients`; every path uses them.
+Python, once per (step, group), by :func:`~lightning_msvag.rule._coefficients`; every path uses them.
 
 16-bit parameters (float16, bfloat16): every path computes the step in float32 from the
 16-bit values of θ, g, m~, v~ and rounds θ, m~, v~ to the parameter dtype once at the end
@@ -46,17 +28,34 @@ Python, once per (step, group), by :func:`_coefficients`; every path uses them.
 
 On CPU the single- and multi-tensor paths work on *tiles*: flat slices of at most
 :data:`CPU_TILE_NUMEL` elements, so that their many memory passes hit cache.
+
+Imports run one way: :mod:`~lightning_msvag.rule` ← backends (:mod:`~lightning_msvag._cpu_kernel`)
+← this module ← :mod:`lightning_msvag.optimizers`. ``UpdateRule``, ``RULES``, ``RHO_CAP``,
+``bias_correction`` and ``variance_ratio`` are re-exported here (their public import path
+since the first release); they are defined in :mod:`lightning_msvag.rule`.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
-from typing import Iterator, List, NamedTuple, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from . import _cpu_kernel
+from .rule import (
+    RHO_CAP,
+    RULES,
+    UpdateRule,
+    _coefficients,
+    _gamma_coefficients,
+    _gamma_math,
+    _update_math,
+    bias_correction,
+    variance_ratio,
+)
 
 __all__ = [
     "UpdateRule",
@@ -70,9 +69,6 @@ __all__ = [
     "fused_path_available",
 ]
 
-#: Cap on ρ from the authors' reference code: at k = 1, ρ = 1 and 1/(1−ρ) would be infinite.
-RHO_CAP = 0.9999
-
 #: Elements per tile on CPU (single- and multi-tensor paths). 2**20 float32 values are
 #: 4 MiB per buffer: the live buffers of an M-SVAG tile stay in a 32 MiB L3 cache.
 CPU_TILE_NUMEL = 2**20
@@ -80,168 +76,13 @@ CPU_TILE_NUMEL = 2**20
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-@dataclass(frozen=True)
-class UpdateRule:
-    """One member of the family (paper Fig. 1), plus the choice of direction.
-
-    Args:
-        direction: ``"momentum"`` updates along the bias-corrected moving average m,
-            ``"gradient"`` along the raw stochastic gradient g (SVAG, SSD).
-        sign: update along the sign of the direction (sign descent; no magnitude):
-            sign(m~) for M-SSD, sign(g) for SSD.
-        variance_adaptation: scale each coordinate by the factor
-            γ = m² / (m² + var), with var the estimated variance of the update direction
-            (paper Lemma 1, docs/algorithm.md §1).
-    """
-
-    direction: str = "momentum"
-    sign: bool = False
-    variance_adaptation: bool = False
-
-    def __post_init__(self) -> None:
-        if self.direction not in ("momentum", "gradient"):
-            raise ValueError(f"direction must be 'momentum' or 'gradient', got {self.direction!r}")
-        if self.sign and self.variance_adaptation:
-            raise ValueError(
-                "sign + variance adaptation is Adam: use torch.optim.Adam "
-                "(lightning_msvag.build_optimizer('adam', ...))"
-            )
-
-    @property
-    def needs_first_moment(self) -> bool:
-        """m~ is the direction (momentum) or feeds γ (variance adaptation)."""
-        return self.direction == "momentum" or self.variance_adaptation
-
-    @property
-    def needs_second_moment(self) -> bool:
-        return self.variance_adaptation
-
-
-#: Every valid rule, in a fixed order (the C++ kernel is generated for each of them).
-RULES = tuple(
-    UpdateRule(direction, sign, va)
-    for direction in ("momentum", "gradient")
-    for sign in (False, True)
-    for va in (False, True)
-    if not (sign and va)
-)
-
-
-def bias_correction(beta: float, step: int) -> float:
-    """1 − β^k, the bias correction of a zero-initialised moving average (docs/algorithm.md §1)."""
-    return 1.0 - beta**step
-
-
-def variance_ratio(beta: float, step: int) -> float:
-    """ρ(β, k) = (1−β)(1+β^k) / ((1+β)(1−β^k)), capped at :data:`RHO_CAP` (docs/algorithm.md §1).
-
-    For i.i.d. gradients of variance σ², var[m] = ρ σ² and E[v − m²] = (1−ρ) σ².
-    ``beta = 0`` gives ρ = 1 (capped) at every step.
-    """
-    if step < 1:
-        raise ValueError(f"step counter is 1-based, got {step}")
-    beta_k = beta**step
-    denominator = (1.0 + beta) * (1.0 - beta_k)
-    rho = (1.0 - beta) * (1.0 + beta_k) / denominator if denominator > 0 else 1.0
-    return min(rho, RHO_CAP)
-
-
-class Coefficients(NamedTuple):
-    """The scalars of one step (same for every element of every tensor of a bucket).
-
-    ``va``: this step applies γ (variance adaptation at k ≥ 2; at k = 1, s = 0 exactly so
-    γ = 1, docs/algorithm.md §1, and the step is a plain SGD step). In the generated C++
-    the numeric fields are the names of the kernel's scalar arguments instead of numbers.
-    """
-
-    grad_sign: object  # +1, or −1 for maximize
-    one_minus_beta: object
-    beta: object
-    kappa: object
-    upper: object
-    neg_scale: object
-    va: bool
-
-
-def _gamma_coefficients(rule: UpdateRule, beta: float, step: int):
-    """Scalars that turn raw buffers into γ without materialising m, v or s.
-
-    With bc = 1 − β^k, m = m~/bc and v = v~/bc. M-SVAG's γ = m²/(m² + ρ s) with
-    s = (v − m²)/(1 − ρ), SVAG's γ = m²/(m² + s) (docs/algorithm.md §1). Both read
-    γ = m² / ((1 − r) m² + r v) with r = ρ/(1−ρ) (M-SVAG) or r = 1/(1−ρ) (SVAG), i.e.
-
-        γ = λ · m~² / (v~ + κ m~²),   λ = 1/(r bc),   κ = (1 − r)/(r bc).
-
-    Returns (κ, upper = 1/λ): the paths compute γ' = m~²/(v~ + κ m~²) clipped to
-    [0, upper], which is γ/λ clipped to γ ∈ [0, 1].
-    """
-    rho = variance_ratio(beta, step)
-    bc = bias_correction(beta, step)
-    r = rho / (1.0 - rho) if rule.direction == "momentum" else 1.0 / (1.0 - rho)
-    kappa = (1.0 - r) / (r * bc)
-    upper = r * bc
-    return kappa, upper
-
-
-def _coefficients(rule: UpdateRule, lr: float, beta: float, step: int, maximize: bool) -> Coefficients:
-    """All scalars of step ``step`` (1-based), for every path."""
-    va = rule.variance_adaptation and step > 1  # at k = 1, γ = 1 exactly (docs/algorithm.md §1)
-    kappa, upper = _gamma_coefficients(rule, beta, step) if va else (0.0, 1.0)
-    if rule.sign:
-        scale = lr  # θ ← θ − α sign(·): the sign needs no bias correction
-    elif rule.direction == "momentum":
-        scale = lr / bias_correction(beta, step)  # m = m~ / bc
-    else:
-        scale = lr
-    if va:
-        scale /= upper  # γ = γ' / upper
-    return Coefficients(-1.0 if maximize else 1.0, 1.0 - beta, beta, kappa, upper, -scale, va)
-
-
 # --------------------------------------------------------------------------------------
-# The one definition of the update
+# The torch backends of the update's ops
 # --------------------------------------------------------------------------------------
-
-
-def _gamma_math(ops, m, v, kappa, upper):
-    """γ' = clip(m~² / (v~ + κ m~² + tiny), 0, upper) (see :func:`_gamma_coefficients`).
-
-    ``tiny`` is the smallest normal number of the compute dtype: where m = v = 0 the
-    quotient 0/0 would be NaN, and docs/algorithm.md §1 wants γ = 0 there (no update); any
-    denominator above ~1e-31 (float32) is unchanged by it. The lower clip at 0 applies to
-    every dtype: v~·bc ≥ m~² holds exactly but round-off can undercut it.
-    """
-    a = ops.mul(m, m)
-    denominator = ops.add_scaled(v, a, kappa)
-    denominator = ops.add_scalar_(denominator, ops.tiny)
-    return ops.clamp_(ops.div_(a, denominator), 0.0, upper)
-
-
-def _update_math(rule: UpdateRule, ops, c: Coefficients, p, g, m, v):
-    """One step of ``rule`` on (θ, g, m~, v~): returns the new (θ, m~, v~).
-
-    The only definition of the update (docs/algorithm.md §1); every path runs it.
-    ``ops`` may update its arguments in place (torch paths) or return new values
-    (the C++ generator); callers use the returned values.
-    """
-    g = ops.scale_grad(g, c.grad_sign)  # maximize: ascend = descend on −g
-    if rule.needs_first_moment:
-        m = ops.lerp_(m, g, c.one_minus_beta)  # m~ ← β m~ + (1−β) g
-    if rule.needs_second_moment:
-        v = ops.ema_square_(v, g, c.beta, c.one_minus_beta)  # v~ ← β v~ + (1−β) g²
-    direction = m if rule.direction == "momentum" else g
-    if rule.sign:
-        direction = ops.sign(direction)  # sign(0) = 0: no move
-    if c.va:
-        gamma = _gamma_math(ops, m, v, c.kappa, c.upper)
-        p = ops.addcmul_(p, gamma, direction, c.neg_scale)  # θ ← θ − α γ d
-    else:
-        p = ops.add_(p, direction, c.neg_scale)  # θ ← θ − α d
-    return p, m, v
 
 
 class _TensorOps:
-    """``ops`` for :func:`_update_math` on single tensors (in place where possible)."""
+    """:class:`~lightning_msvag.rule.UpdateOps` on single tensors (in place where the name says so)."""
 
     def __init__(self, dtype: torch.dtype):
         self.tiny = torch.finfo(dtype).tiny
@@ -260,7 +101,7 @@ class _TensorOps:
 
 
 class _ForeachOps:
-    """``ops`` for :func:`_update_math` on lists of tensors (``torch._foreach_*``)."""
+    """:class:`~lightning_msvag.rule.UpdateOps` on lists of tensors (``torch._foreach_*``)."""
 
     def __init__(self, dtype: torch.dtype):
         self.tiny = torch.finfo(dtype).tiny
@@ -418,8 +259,6 @@ _IS_CPU = operator.attrgetter("is_cpu")
 def fused_path_available() -> bool:
     """Whether the fused CPU kernel can run here: a C++ compiler exists (or the kernel is
     already built and cached) and no build failed in this process. Starts no build."""
-    from . import _cpu_kernel
-
     return _cpu_kernel.available()
 
 
@@ -429,8 +268,6 @@ def _fused_cpu_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, 
     Non-contiguous tensors, unsupported dtypes, and everything when the kernel cannot be
     built (one warning per process) take the multi-tensor path.
     """
-    from . import _cpu_kernel
-
     kernel = _cpu_kernel.kernel()
     if kernel is None:  # warned once
         _multi_tensor_update(

@@ -1,7 +1,7 @@
 """The paper's optimizers as ``torch.optim.Optimizer`` subclasses (docs/algorithm.md §1).
 
 All four share :class:`DissectedOptimizer`; each subclass only fixes the two switches of
-:class:`~lightning_msvag.functional.UpdateRule` (sign, variance adaptation) and SVAG's
+:class:`~lightning_msvag.rule.UpdateRule` (sign, variance adaptation) and SVAG's
 direction. Adam is ``torch.optim.Adam`` (see :mod:`lightning_msvag.registry`).
 
 State per parameter (names as in ``torch.optim.Adam`` so tools that read Adam's state read
@@ -29,12 +29,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .functional import (
-    CPU_TILE_NUMEL,
-    UpdateRule,
-    dissected_adam,
-    fused_path_available,
-)
+from .factors import dissected_factors
+from .functional import CPU_TILE_NUMEL, dissected_adam, fused_path_available
+from .rule import UpdateRule
 
 __all__ = ["DissectedOptimizer", "MSGD", "MSSD", "MSVAG", "SVAG", "SSD"]
 
@@ -235,8 +232,6 @@ class _VarianceAdapted(DissectedOptimizer):
         16-bit parameters). Read-only: the optimizer is not changed. The same walk as the
         γ monitor's (:func:`lightning_msvag.factors.dissected_factors`).
         """
-        from .factors import dissected_factors  # factors.py imports this module
-
         return [factor.gamma for factor in dissected_factors(self)]
 
 

@@ -23,6 +23,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from torch.optim import Optimizer
 
+from .rule import UpdateRule
+
 __all__ = ["Method", "METHODS", "available_optimizers", "build_optimizer", "get_method", "write_optimizer_configs"]
 
 
@@ -34,10 +36,6 @@ class Method:
         name: canonical registry name, the paper's spelling (``"m-svag"``).
         class_path: import path of the optimizer class (what LightningCLI's ``--optimizer`` takes).
         summary: one line for listings and the generated config's comment.
-        sign: updates along a sign (paper Fig. 1, bottom row).
-        variance_adaptation: scales coordinates by a variance-adaptation factor γ.
-        has_gamma: the optimizer exposes γ (``variance_adaptation_factors()``); the γ monitor
-            reads Adam's implicit factor from its state separately.
         base: the method this one adds variance adaptation to (M-SVAG → M-SGD, Adam → M-SSD),
             for the paper's "variance adaptation helps" comparison.
         default_lr: the starting step size in ``configs/optimizers/<config>.yaml``.
@@ -45,20 +43,21 @@ class Method:
         in_paper_benchmark: one of the four methods of the paper's §6 comparison.
         init_args: further constructor arguments written into the config (Adam's β's, ε).
         config: file stem in ``configs/optimizers``.
+        family: only for a class without a :class:`~lightning_msvag.rule.UpdateRule`
+            (``torch.optim``'s Adam and SGD): its place in the paper's 2×2 family,
+            ``(sign, variance_adaptation)``. The project's classes answer from their ``rule``.
     """
 
     name: str
     class_path: str
     summary: str
-    sign: bool
-    variance_adaptation: bool
-    has_gamma: bool
     base: Optional[str]
     default_lr: float
     default_grid: Optional[str]
     in_paper_benchmark: bool
     config: str
     init_args: Dict[str, Any] = field(default_factory=dict)
+    family: Optional[Tuple[bool, bool]] = None
 
     @property
     def cls(self) -> type:
@@ -66,36 +65,46 @@ class Method:
         return getattr(importlib.import_module(module), name)
 
     @property
+    def rule(self) -> Optional[UpdateRule]:
+        """The class's :class:`~lightning_msvag.rule.UpdateRule`; ``None`` for ``torch.optim`` classes."""
+        return getattr(self.cls, "rule", None)
+
+    @property
+    def sign(self) -> bool:
+        """Updates along a sign (paper Fig. 1, bottom row)."""
+        rule = self.rule
+        return rule.sign if rule is not None else self.family[0]
+
+    @property
+    def variance_adaptation(self) -> bool:
+        """Scales coordinates by a variance-adaptation factor γ (Adam: its implicit one)."""
+        rule = self.rule
+        return rule.variance_adaptation if rule is not None else self.family[1]
+
+    @property
     def uses_beta(self) -> bool:
         """Keeps a moving average, i.e. the project's one constant ``beta`` matters."""
-        rule = getattr(self.cls, "rule", None)
+        rule = self.rule
         return rule is not None and (rule.needs_first_moment or rule.needs_second_moment)
 
 
 #: The table. Order = the order of every listing.
 METHODS: Tuple[Method, ...] = (
     Method("m-sgd", "lightning_msvag.MSGD", "M-SGD: bias-corrected momentum SGD, θ ← θ − α m",
-           sign=False, variance_adaptation=False, has_gamma=False, base=None,
-           default_lr=0.1, default_grid="0.01:10:7", in_paper_benchmark=True, config="msgd"),
+           base=None, default_lr=0.1, default_grid="0.01:10:7", in_paper_benchmark=True, config="msgd"),
     Method("m-ssd", "lightning_msvag.MSSD", "M-SSD: sign descent on the momentum, θ ← θ − α sign(m~)",
-           sign=True, variance_adaptation=False, has_gamma=False, base=None,
-           default_lr=0.001, default_grid="1e-5:1e-2:7", in_paper_benchmark=True, config="mssd"),
+           base=None, default_lr=0.001, default_grid="1e-5:1e-2:7", in_paper_benchmark=True, config="mssd"),
     Method("m-svag", "lightning_msvag.MSVAG", "M-SVAG: variance-adapted momentum SGD, θ ← θ − α γ ⊙ m (paper §4)",
-           sign=False, variance_adaptation=True, has_gamma=True, base="m-sgd",
-           default_lr=0.1, default_grid="0.01:10:7", in_paper_benchmark=True, config="msvag"),
+           base="m-sgd", default_lr=0.1, default_grid="0.01:10:7", in_paper_benchmark=True, config="msvag"),
     Method("svag", "lightning_msvag.SVAG", "SVAG: variance adaptation on the raw gradient, θ ← θ − α γ ⊙ g",
-           sign=False, variance_adaptation=True, has_gamma=True, base="sgd",
-           default_lr=0.1, default_grid="0.01:10:7", in_paper_benchmark=False, config="svag"),
+           base="sgd", default_lr=0.1, default_grid="0.01:10:7", in_paper_benchmark=False, config="svag"),
     Method("ssd", "lightning_msvag.SSD", "SSD: sign descent on the raw gradient, θ ← θ − α sign(g) (paper §2, §5)",
-           sign=True, variance_adaptation=False, has_gamma=False, base=None,
-           default_lr=0.001, default_grid="1e-5:1e-2:7", in_paper_benchmark=False, config="ssd"),
+           base=None, default_lr=0.001, default_grid="1e-5:1e-2:7", in_paper_benchmark=False, config="ssd"),
     Method("adam", "torch.optim.Adam", "Adam with the paper's settings: β1 = 0.9, β2 = 0.999, ε = 1e-8",
-           sign=True, variance_adaptation=True, has_gamma=False, base="m-ssd",
-           default_lr=0.001, default_grid="1e-5:1e-2:7", in_paper_benchmark=True, config="adam",
-           init_args={"betas": [0.9, 0.999], "eps": 1e-8}),
+           base="m-ssd", default_lr=0.001, default_grid="1e-5:1e-2:7", in_paper_benchmark=True, config="adam",
+           init_args={"betas": [0.9, 0.999], "eps": 1e-8}, family=(True, True)),
     Method("sgd", "torch.optim.SGD", "plain SGD (no momentum), θ ← θ − α g, for reference",
-           sign=False, variance_adaptation=False, has_gamma=False, base=None,
-           default_lr=0.1, default_grid=None, in_paper_benchmark=False, config="sgd"),
+           base=None, default_lr=0.1, default_grid=None, in_paper_benchmark=False, config="sgd", family=(False, False)),
 )
 
 

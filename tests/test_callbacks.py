@@ -25,6 +25,7 @@ import lightning_msvag as lm
 from lightning_msvag.callbacks import VarianceAdaptationMonitor, histogram_quantiles
 from lightning_msvag.factors import adam_factors
 from lightning_msvag.functional import bias_correction, variance_adaptation_factor, variance_ratio
+from lightning_msvag.registry import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBLEM_CONFIGS = ["fmnist_2c2d", "cifar10_3c3d", "cifar100_wrn404", "tolstoi_char_rnn"]
@@ -73,7 +74,7 @@ def test_histogram_quantiles_within_one_bin_of_numpy(sample):
     np.testing.assert_allclose(got, np.quantile(x, qs), atol=1.0 / bins + 1e-6)
 
 
-@pytest.mark.parametrize("cls,direction", [(lm.MSVAG, "momentum"), (lm.SVAG, "gradient")])
+@pytest.mark.parametrize("cls,direction", [(m.cls, m.rule.direction) for m in METHODS if m.rule and m.rule.variance_adaptation])
 def test_statistics_match_the_optimizer_and_numpy(cls, direction):
     torch.manual_seed(0)
     model = _mlp()
@@ -183,7 +184,7 @@ def test_adam_implicit_factor():
     assert all(0.0 <= scalars[f"gamma/all/{s}"] <= 1.0 for s in STATS)
 
 
-@pytest.mark.parametrize("cls", [lm.MSGD, lm.MSSD])
+@pytest.mark.parametrize("cls", [m.cls for m in METHODS if m.rule and m.rule.direction == "momentum" and not m.rule.variance_adaptation])
 def test_tracked_moments_give_msvag_gamma(cls):
     torch.manual_seed(0)
     model = _mlp()
@@ -427,20 +428,47 @@ def test_tensorboard_holds_scalars_and_histograms_per_layer(monitored_run):
     assert "train/loss" in tags["scalars"]  # Lightning's own logging untouched
 
 
-def test_tracked_moments_restart_at_zero_after_a_resume(tmp_path):
-    """track_moments: v~ is not checkpointed; after a resume it restarts at zero, bias-corrected with its own count."""
+class _Grads(Callback):  # runs before the monitor: the gradients its v~ sees
+    def __init__(self):
+        self.grads = []
 
-    class Grads(Callback):  # runs before the monitor: the gradients its v~ sees
-        grads = []
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters()})
 
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters()})
 
-    monitor = VarianceAdaptationMonitor(logging_interval=100, track_moments=True)
+def test_tracked_moments_continue_after_a_resume(tmp_path):
+    """track_moments: v~ and its count are the monitor's callback state; a resumed fit (a fresh monitor, as in
+    a new process) continues them, so γ is M-SVAG's γ of all the steps' gradients (recomputed below)."""
+    grads = _Grads()
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
-    _fit(tmp_path, [monitor, ckpt], max_steps=4, optimizer="msgd", enable_checkpointing=True)
-    assert all(count == 4 for _, count in monitor._tracker.buffers.values())
-    grads = Grads()
+    first = VarianceAdaptationMonitor(logging_interval=100, track_moments=True)
+    _fit(tmp_path, [grads, first, ckpt], max_steps=4, optimizer="msgd", enable_checkpointing=True)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["callbacks"]["VarianceAdaptationMonitor"]
+    assert sorted(saved["moment_tracker"]) == sorted(PARAMETER_NAMES)
+    monitor = VarianceAdaptationMonitor(logging_interval=100, track_moments=True)
+    model, trainer = _fit(tmp_path, [grads, monitor, ckpt], max_steps=7, optimizer="msgd", enable_checkpointing=True,
+                          ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 7 and len(grads.grads) == 7  # 4 steps, then 3 after the resume
+    assert all(count == 7 for _, count in monitor._tracker.buffers.values())
+    scalars, _ = monitor.compute(model, trainer.optimizers)
+    optimizer = trainer.optimizers[0]
+    for name, p in model.named_parameters():
+        v = torch.zeros_like(p)
+        for g in grads.grads:
+            v = 0.9 * v + 0.1 * g[name] ** 2  # v~ over all 7 steps, no re-weighting
+        gamma = variance_adaptation_factor(optimizer.state[p]["exp_avg"], v, beta=0.9, step=7)
+        assert scalars[f"gamma/{name}/mean"] == pytest.approx(gamma.mean().item(), abs=1e-6), name
+
+
+def test_tracked_moments_restart_at_zero_after_a_resume_without_their_state(tmp_path):
+    """A checkpoint written without the tracker's state (no tracking monitor then): v~ restarts at zero on the
+    resume, bias-corrected with its own count."""
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    _fit(tmp_path, [VarianceAdaptationMonitor(logging_interval=100), ckpt], max_steps=4, optimizer="msgd",
+         enable_checkpointing=True)
+    assert "VarianceAdaptationMonitor" not in torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["callbacks"]
+    monitor = VarianceAdaptationMonitor(logging_interval=100, track_moments=True)
+    grads = _Grads()
     model, trainer = _fit(tmp_path, [grads, monitor, ckpt], max_steps=7, optimizer="msgd", enable_checkpointing=True,
                           ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer.global_step == 7 and len(grads.grads) == 3  # resumed after 4 of 7 steps

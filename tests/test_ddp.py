@@ -30,7 +30,7 @@ import pytorch_lightning as pl  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
 
 from datamodules import FashionMNISTDataModule, TolstoiDataModule  # noqa: E402
-from datamodules._image import ShardedRandomSampler  # noqa: E402
+from lightning_msvag.resumable import ShardedRandomSampler  # noqa: E402
 from tests.helpers.boring import PARAMETER_NAMES, BoringModule  # noqa: E402
 from lightning_msvag.callbacks import VarianceAdaptationMonitor  # noqa: E402
 from lightning_msvag.functional import fused_path_available  # noqa: E402
@@ -183,13 +183,6 @@ def test_image_module_splits_the_global_batch(fmnist_dir):
     bad.trainer = _stub_trainer(0, 4)
     with pytest.raises(ValueError, match="divisible by the number of processes"):
         bad.setup("fit")
-
-
-@pytest.fixture(scope="module")
-def tolstoi_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tolstoi_ddp")
-    TolstoiDataModule(str(root), download=False).prepare_data()  # packaged text; builds the id cache once
-    return root
 
 
 def test_tolstoi_rows_are_split_across_ranks(tolstoi_dir):

@@ -10,17 +10,21 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import stat
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lightning_msvag.cli import main as cli_main
+from lightning_msvag.command import main as cli_main
 from lightning_msvag.experiments import main
-from lightning_msvag.experiments import benchmark as bm
 from lightning_msvag.experiments import sqp, wilson
-from lightning_msvag.experiments.factors import adam_factor, max_gap, sign_factor, svag_factor
+from lightning_msvag.experiments.adaptation_factors import adam_factor, max_gap, sign_factor, svag_factor
+from lightning_msvag.experiments.benchmark import config as bm_config
+from lightning_msvag.experiments.benchmark import plan as bm_plan
+from lightning_msvag.experiments.benchmark.runner import collect_and_report
 
 REPO = Path(__file__).resolve().parents[1]
 P4_CONFIG = REPO / "configs" / "tolstoi_char_rnn.yaml"
@@ -62,6 +66,19 @@ def test_factors_outputs_and_gap(tmp_path):
     rows = _rows(tmp_path / "factors.csv")
     assert len(rows) == 301 and set(rows[0]) == {"eta", "sign_factor", "adam_factor", "svag_factor"}
     assert float(sign_factor(0.0)) == 1.0 and max_gap(1e-2, 1e2)["max_gap"] == pytest.approx(result["max_gap"])
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_outputs_follow_the_umask(tmp_path, umask, mode):
+    """JSON and CSV (written atomically through a temporary file) get the same mode as the PNG:
+    the one the user's umask gives, not a temporary file's 0600."""
+    old = os.umask(umask)
+    try:
+        assert cli_main(["reproduce", "factors", "--out", str(tmp_path), "--points", "11"]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"factors.csv": mode, "factors.json": mode, "factors.png": mode}  # and no *.part left
 
 
 # ------------------------------------------------------------------------------ sqp
@@ -182,19 +199,44 @@ def test_wilson_lemma3(tmp_path):
     assert json.loads((again / "wilson.json").read_text())["methods"]["m-svag"] == methods["m-svag"]
 
 
+def test_wilson_loss_panel_draws_the_best_loss_so_far(tmp_path):
+    """At a constant step size, sign descent and M-SSD jump back up after their best iterate (from
+    iteration ~250 at the defaults); drawn raw, those jumps filled the loss panel and hid Adam's
+    curve. The panel draws min over s <= t of R(θ_s), floored at 1e-16."""
+    x, y = wilson.wilson_data(50, 0.7, np.random.default_rng([42, 0]))  # the defaults' instance
+    steps = 400
+    traces = {m: wilson.run_method(m, x, y, steps, wilson.DEFAULT_LR[m]) for m in ("adam", "sign", "m-ssd")}
+    for m in ("sign", "m-ssd"):  # the raw loss climbs back by orders of magnitude after its best
+        loss = traces[m]["loss"]
+        assert loss.min() < 1e-12 and loss[int(np.argmin(loss)):].max() > 1e-6
+    results = {m: {"lr": wilson.DEFAULT_LR[m], "test_error": 0.3} for m in traces}
+    args = types.SimpleNamespace(steps=steps, n=50, p=0.7, seed=42, test_points=1000)
+    drawn = wilson.plot(traces, results, args, 0.3, tmp_path / "w.png")
+    assert (tmp_path / "w.png").stat().st_size > 20_000
+    assert set(drawn) == set(traces)
+    for m, tr in traces.items():
+        best, expected = math.inf, []
+        for value in tr["loss"]:  # the running minimum, by a plain loop
+            best = min(best, float(value))
+            expected.append(max(best, 1e-16))
+        np.testing.assert_array_equal(drawn[m], expected)
+        assert np.all(np.diff(drawn[m]) <= 0)
+    assert drawn["adam"][-1] > 1e-12 > drawn["m-ssd"][-1]  # Adam's curve ends well above the others'
+
+
 # ------------------------------------------------------------------------ benchmark
 def test_grid_parsing_and_selection():
-    assert bm.parse_grid("1e-3:1e-1:3") == [0.1, 0.01, 0.001]
-    assert bm.parse_grid("1, 0.3,3") == [3.0, 1.0, 0.3]
+    assert bm_config.parse_grid("1e-3:1e-1:3") == [0.1, 0.01, 0.001]
+    assert bm_config.parse_grid("1, 0.3,3") == [3.0, 1.0, 0.3]
     for bad in ("", "0,1", "1:0.1:3", "a:b:c", "-1"):
         with pytest.raises(ValueError):
-            bm.parse_grid(bad)
-    runs = [bm.RunSpec("m-sgd", lr, 42, "search") for lr in (3.0, 1.0, 0.3, 0.1, 0.03)]
+            bm_config.parse_grid(bad)
+    runs = [bm_plan.RunSpec("m-sgd", lr, 42, "search") for lr in (3.0, 1.0, 0.3, 0.1, 0.03)]
     ns = types.SimpleNamespace(run_index=None, shard=(1, 2))
-    assert [r.lr for r in bm._select(runs, ns)] == [1.0, 0.1]
+    assert [r.lr for r in bm_plan.select(runs, ns)] == [1.0, 0.1]
     args = types.SimpleNamespace(argv=["benchmark", "--out", "o", "--shard=0/2", "--phase", "search", "--jobs", "2",
                                        "--list-runs", "--max-steps", "5"])
-    assert bm._command_line(args, ["--run-index", "3"]) == \
+    assert bm_config.command_line(args, ["--run-index", "3"]) == \
         "lightning-msvag reproduce benchmark --out o --max-steps 5 --run-index 3"
 
 
@@ -202,15 +244,15 @@ def test_choose_lr():
     def rec(status, acc, loss=1.0):
         return {"status": status, "final": {"test/accuracy": acc, "test/loss": loss, "train/loss": loss}}
 
-    assert bm.choose_lr({1.0: rec("done", 0.5), 0.1: rec("done", 0.6), 10.0: rec("diverged", 0.9)}) == \
+    assert bm_plan.choose_lr({1.0: rec("done", 0.5), 0.1: rec("done", 0.6), 10.0: rec("diverged", 0.9)}) == \
         (0.1, "final test accuracy")
-    assert bm.choose_lr({1.0: rec("done", 0.5, 2.0), 0.1: rec("done", 0.5, 1.0)})[0] == 0.1  # tie: lower loss
-    assert bm.choose_lr({1.0: rec("failed", 0.5), 0.1: None}) == (None, "no finished search run")
+    assert bm_plan.choose_lr({1.0: rec("done", 0.5, 2.0), 0.1: rec("done", 0.5, 1.0)})[0] == 0.1  # tie: lower loss
+    assert bm_plan.choose_lr({1.0: rec("failed", 0.5), 0.1: None}) == (None, "no finished search run")
 
 
 def test_recorder_marks_non_finite_loss_as_diverged(tmp_path):
     torch = pytest.importorskip("torch")
-    from lightning_msvag.experiments.recorder import RunRecorder
+    from lightning_msvag.experiments.benchmark.recorder import RunRecorder
 
     rec = RunRecorder(str(tmp_path / "r.json"))
     trainer = types.SimpleNamespace(callback_metrics={"train/loss": torch.tensor(float("nan"))}, global_step=3,
@@ -221,11 +263,6 @@ def test_recorder_marks_non_finite_loss_as_diverged(tmp_path):
     data = json.loads((tmp_path / "r.json").read_text())
     assert trainer.should_stop and data["status"] == "diverged" and data["diverged_at"]["step"] == 3
     assert data["train"] == [[3, "nan", None]]
-
-
-@pytest.fixture(scope="module")
-def tolstoi_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")  # the packaged War and Peace text is used
 
 
 def _tiny_p4(out: Path, data: Path, *extra: str) -> list[str]:
@@ -318,21 +355,21 @@ def test_benchmark_subprocess_failure_is_recorded(tmp_path, tolstoi_dir):
 P1_CONFIG = REPO / "configs" / "fmnist_2c2d.yaml"
 
 
-def _synthetic_sweep(out: Path) -> "bm.BenchmarkConfig":
+def _synthetic_sweep(out: Path) -> "bm_config.BenchmarkConfig":
     """Hand-made run records of a P1 sweep (no training): 4 methods, one step size, 2 seeds, 100 steps.
 
     Final training loss: sign-based 0.29-0.31, non-sign 0.40-0.41 (the sign-based methods ahead).
     The sign-based methods start *behind* (flat at 2.0 up to step 20, then down to their final loss at
     step 60); they overtake the non-sign methods (a steady descent) at step ~32. Final test accuracy: M-SSD 0.85, Adam 0.86 | M-SGD 0.87, M-SVAG 0.845 (interleaved).
     """
-    cfg = bm.BenchmarkConfig(out=str(out), config=str(P1_CONFIG), methods=("m-sgd", "m-ssd", "m-svag", "adam"),
+    cfg = bm_config.BenchmarkConfig(out=str(out), config=str(P1_CONFIG), methods=("m-sgd", "m-ssd", "m-svag", "adam"),
                              grid=("m-sgd=0.1", "m-ssd=0.001", "m-svag=0.1", "adam=0.001"), num_seeds=2,
                              max_steps=100, val_check_interval=50)
     final_loss = {"m-ssd": 0.31, "adam": 0.29, "m-sgd": 0.41, "m-svag": 0.40}
     test_acc = {"m-ssd": 0.85, "adam": 0.86, "m-sgd": 0.87, "m-svag": 0.845}
-    for spec in bm.plan_search(cfg):
+    for spec in bm_plan.plan_search(cfg):
         for seed, jitter in ((42, -0.005), (43, 0.005)):
-            run = bm.RunSpec(spec.method, spec.lr, seed, "search" if seed == 42 else "replicate")
+            run = bm_plan.RunSpec(spec.method, spec.lr, seed, "search" if seed == 42 else "replicate")
             end = final_loss[run.method] + jitter
             if run.method in ("m-ssd", "adam"):  # flat at 2.0, a steep descent from step 20 to 60, then flat
                 train = [2.0 + (end - 2.0) * min(max(t - 20, 0), 40) / 40 for t in range(1, 101)]
@@ -340,13 +377,13 @@ def _synthetic_sweep(out: Path) -> "bm.BenchmarkConfig":
                 train = [2.0 + (end - 2.0) * t / 100 for t in range(1, 101)]
             acc = test_acc[run.method] + jitter
             record = {
-                "status": "done", "spec": {"name": run.name, "settings": bm.settings(cfg, run)},
+                "status": "done", "spec": {"name": run.name, "settings": bm_plan.settings(cfg, run)},
                 "step_time_s": {"median": 0.1},
                 "train": [[t, v, None] for t, v in enumerate(train, start=1)],
                 "eval": [[50, train[49], 0.5, train[49], 0.5], [100, end, 0.9, end + 0.05, acc]],
                 "final": {"train_eval/loss": end, "test/loss": end + 0.05, "test/accuracy": acc, "train/loss": end},
             }
-            folder = bm.run_dir(out, run)
+            folder = bm_plan.run_dir(out, run)
             folder.mkdir(parents=True)
             (folder / "record.json").write_text(json.dumps(record))
     return cfg
@@ -355,7 +392,7 @@ def _synthetic_sweep(out: Path) -> "bm.BenchmarkConfig":
 def test_claims_table_from_synthetic_records(tmp_path):
     out = tmp_path / "p1"
     cfg = _synthetic_sweep(out)
-    result = bm.collect(cfg, out)
+    result = collect_and_report(cfg, out)
     claims = {row["key"]: row for row in result["claims"]}
     assert result["budget"]["label"] == "P1" and result["budget"]["paper_steps"] == 46_800
     assert result["budget"]["steps"] == 100 and result["budget"]["seeds"] == 2
@@ -400,7 +437,7 @@ def test_claims_table_from_synthetic_records(tmp_path):
 
 def test_claims_rebuilt_from_results_json_alone(tmp_path):
     """An old results.json (final mean ± std only, no curves, no claims) gets a claims table."""
-    from lightning_msvag.experiments import benchmark_report as report
+    from lightning_msvag.experiments.benchmark import report
 
     def method(loss, acc):
         return {"chosen_lr": 1.0, "largest_stable_lr": 1.0, "criterion": "final test accuracy", "search_complete": True,

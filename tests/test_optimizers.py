@@ -27,12 +27,12 @@ from lightning_msvag.registry import METHODS
 CLASSES = {m.name: m.cls for m in METHODS if issubclass(m.cls, lm.DissectedOptimizer)}
 #: the variance-adapted ones (they expose γ)
 VA_METHODS = [name for name, cls in CLASSES.items() if cls.rule.variance_adaptation]
+#: the ones without a sign: their first step is the SGD step, a NaN gradient reaches θ
+NON_SIGN_METHODS = [name for name, cls in CLASSES.items() if not cls.rule.sign]
 SHAPES = [(7,), (13, 17), (3, 4, 5), (1,), (200,)]
 # two param groups with their own lr and beta; the second holds a non-contiguous parameter
 GROUPS = [dict(shapes=SHAPES[:3], lr=0.01, beta=0.9), dict(shapes=SHAPES[3:], lr=0.03, beta=0.7)]
 
-
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 #: every execution path: (optimizer kwargs, CPU tile size, fused-kernel grain, device)
 PATHS = {
@@ -51,7 +51,7 @@ PATHS = {
 #: must agree with them) in the full one (pytest -m "not slow" is the edit-test loop)
 _QUICK_PATHS = ("single", "default")
 PATH_MARKS = {
-    name: [CUDA] if name.startswith("cuda") else ([] if name in _QUICK_PATHS else [pytest.mark.slow]) for name in PATHS
+    name: [pytest.mark.cuda] if name.startswith("cuda") else ([] if name in _QUICK_PATHS else [pytest.mark.slow]) for name in PATHS
 }
 
 
@@ -200,7 +200,7 @@ def test_rho_reference_values():
     assert variance_ratio(0.0, 5) == 0.9999  # β = 0: ρ = 1, capped
 
 
-@pytest.mark.parametrize("method", ["m-svag", "svag", "m-sgd"])
+@pytest.mark.parametrize("method", NON_SIGN_METHODS)
 def test_first_step_is_sgd_step(method):
     torch.manual_seed(0)
     p0 = torch.randn(1000, dtype=torch.float64)
@@ -211,7 +211,7 @@ def test_first_step_is_sgd_step(method):
     p.grad = g
     opt.step()
     torch.testing.assert_close(p.detach(), p0 - 0.3 * g, rtol=1e-14, atol=1e-15)
-    if method != "m-sgd":
+    if method in VA_METHODS:
         gamma = opt.variance_adaptation_factors()[0]
         assert torch.equal(gamma, (g != 0).double())  # γ = 1, and 0 where m = v = 0
 
@@ -489,7 +489,7 @@ def test_sparse_gradients_raise_naming_the_optimizer(cls):
         opt.step()
 
 
-@pytest.mark.parametrize("method", ["m-sgd", "m-svag", "svag"])
+@pytest.mark.parametrize("method", NON_SIGN_METHODS)
 def test_nonfinite_gradient_is_visible_by_default(method):
     p = torch.nn.Parameter(torch.zeros(3))
     opt = CLASSES[method]([p], lr=0.1)
@@ -563,7 +563,7 @@ def test_registry_names_and_errors():
         lm.build_optimizer("rmsprop", p)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on CI)")
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", list(CLASSES))
 @pytest.mark.parametrize("foreach", [False, True])
 def test_cuda_matches_cpu(method, foreach):
@@ -695,7 +695,7 @@ def test_concurrent_first_steps_build_the_kernel_once(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.so"))) == 1
 
 
-@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("method", list(CLASSES))
 def test_fused_true_with_non_cpu_tensors_raises(method, device):
     """No silent fallback: there is no fused kernel for CUDA (or any non-CPU) tensors."""

@@ -69,7 +69,8 @@ def _with_msvag(model, lr=0.05):
     return model
 
 
-def _fit(model, datamodule, root, max_steps, *, epoch_batches, ckpt_path=None, save_every=None, callbacks=()):
+def _fit(model, datamodule, root, max_steps, *, epoch_batches, ckpt_path=None, save_every=None, callbacks=(),
+         logger=False):
     recorder = _BatchRecorder()
     cbs = [ExactResume(), CheckpointGuard(), recorder, *callbacks]
     if save_every:
@@ -77,7 +78,7 @@ def _fit(model, datamodule, root, max_steps, *, epoch_batches, ckpt_path=None, s
                                    filename="step{step}", auto_insert_metric_name=False))
     trainer = pl.Trainer(
         max_steps=max_steps, limit_train_batches=epoch_batches, limit_val_batches=1, num_sanity_val_steps=1,
-        logger=False, enable_checkpointing=bool(save_every), accelerator="cpu", devices=1,
+        logger=logger, enable_checkpointing=bool(save_every), accelerator="cpu", devices=1,
         enable_progress_bar=False, enable_model_summary=False, callbacks=cbs, default_root_dir=root,
     )
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -139,8 +140,9 @@ def _cifar100(root, monkeypatch, n_train):
 PROBLEMS = {"tolstoi": _tolstoi, "fmnist": _fmnist, "cifar10": _cifar10, "cifar100": _cifar100}
 
 
-def _straight_and_resumed(problem, tmp_path, monkeypatch, total, split, epoch_batches, n_train=48):
-    """Run ``total`` steps straight (saving at ``split``) and ``split`` + resume + rest; return both."""
+def _straight_and_resumed(problem, tmp_path, monkeypatch, total, split, epoch_batches, n_train=48, rewrite=None):
+    """Run ``total`` steps straight (saving at ``split``) and ``split`` + resume + rest; return both.
+    ``rewrite(checkpoint_dict)`` edits the saved checkpoint before the resume."""
     dm, make_model = PROBLEMS[problem](tmp_path / "data", monkeypatch, n_train)
     pl.seed_everything(11)
     straight_model = _with_msvag(make_model())
@@ -149,6 +151,10 @@ def _straight_and_resumed(problem, tmp_path, monkeypatch, total, split, epoch_ba
     straight = _final_state(straight_model, trainer)
     ckpt = tmp_path / "a" / f"step{split}.ckpt"
     assert ckpt.is_file()
+    if rewrite is not None:
+        checkpoint = torch.load(ckpt, weights_only=True)
+        rewrite(checkpoint)
+        torch.save(checkpoint, ckpt)
 
     dm2, _ = PROBLEMS[problem](tmp_path / "data", monkeypatch, n_train)  # a fresh data module, as a new process
     pl.seed_everything(11)  # as a fresh `lightning-msvag fit` does; the checkpoint must override it
@@ -183,6 +189,80 @@ def test_resume_equals_uninterrupted_run_bitwise(problem, total, split, tmp_path
     assert torch.equal(resumed_batches[0][3], expected[0][3])
     _assert_bitwise(resumed, straight)
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+def test_checkpoint_of_the_earlier_format_resumes_bitwise(tmp_path, monkeypatch):
+    """Checkpoints of version 0.1.0 kept the RNG states under a top-level key instead of the
+    callback state; they still resume exactly."""
+
+    def to_earlier_format(checkpoint):
+        checkpoint["lightning_msvag_rng_states"] = checkpoint["callbacks"].pop("ExactResume")
+
+    straight, _, resumed, _ = _straight_and_resumed("tolstoi", tmp_path, monkeypatch, 8, 3, epoch_batches=4,
+                                                    rewrite=to_earlier_format)
+    _assert_bitwise(resumed, straight)
+
+
+class _MemoryLogger(pl.loggers.Logger):
+    """Keeps every ``log_metrics`` call as ``(step, metrics)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.logged = []
+
+    @property
+    def name(self):
+        return "memory"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_metrics(self, metrics, step=None):
+        self.logged.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def gammas(self):
+        """``{step: {tag: value}}`` of the monitor's scalars."""
+        out = {}
+        for step, metrics in self.logged:
+            tags = {k: v for k, v in metrics.items() if k.startswith(("gamma/", "eta2/"))}
+            if tags:
+                out.setdefault(step, {}).update(tags)
+        return out
+
+
+def test_tracked_gamma_of_msgd_resumes_exactly(tmp_path):
+    """M-SGD with track_moments: the γ logged after 20 steps + checkpoint file + ``ckpt_path`` + 20 steps
+    equals the straight 40-step run's, bitwise (the monitor's v~ travels in its callback state)."""
+    from lightning_msvag import MSGD
+    from lightning_msvag.callbacks import VarianceAdaptationMonitor
+
+    def run(root, ckpt_path=None, save_every=None):
+        dm = TolstoiDataModule(str(_TOLSTOI["dir"]), batch_size=4, seq_len=8)
+        pl.seed_everything(11)
+        model = CharLSTM(hidden_size=32, embedding_dim=16)
+        model.configure_optimizers = lambda: MSGD(model.parameters(), lr=0.5, beta=0.9)
+        monitor = VarianceAdaptationMonitor(logging_interval=10, track_moments=True, histograms=False)
+        logger = _MemoryLogger()
+        _fit(model, dm, root, 40, epoch_batches=6, ckpt_path=ckpt_path, save_every=save_every,
+             callbacks=[monitor], logger=logger)  # 6-batch epochs: step 20 is mid-epoch
+        return logger.gammas(), monitor
+
+    straight, _ = run(tmp_path / "a", save_every=20)
+    ckpt = tmp_path / "a" / "step20.ckpt"
+    saved = torch.load(ckpt, weights_only=True)["callbacks"]["VarianceAdaptationMonitor"]["moment_tracker"]
+    names = {name for name, _ in CharLSTM(hidden_size=32, embedding_dim=16).named_parameters()}
+    assert saved.keys() == names and {entry["steps"] for entry in saved.values()} == {20}
+    resumed, monitor = run(tmp_path / "b", ckpt_path=ckpt)
+    assert sorted(straight) == [9, 19, 29, 39] and sorted(resumed) == [29, 39]  # logged after steps 10 ... 40
+    assert {count for _, count in monitor._tracker.buffers.values()} == {40}
+    for step in (29, 39):
+        assert resumed[step].keys() == straight[step].keys() and "gamma/all/mean" in resumed[step]
+        different = [tag for tag, value in straight[step].items() if resumed[step][tag] != value]
+        assert not different, f"step {step}: γ differs from the uninterrupted run in {different[:4]}"
 
 
 def test_image_epoch_order_reproducible_across_a_resume(tmp_path, monkeypatch):
@@ -265,7 +345,7 @@ def _checkpoint_tensors(path: Path) -> dict:
         for idx, entry in opt["state"].items():
             out.update({f"opt{i}/{idx}/{k}": v for k, v in entry.items() if torch.is_tensor(v)})
     out.update({f"carried/{k}": v for k, v in (ckpt.get("char_lstm_train_state") or {}).items()})
-    for r, state in enumerate(ckpt["lightning_msvag_rng_states"]["ranks"]):
+    for r, state in enumerate(ckpt["callbacks"]["ExactResume"]["ranks"]):
         out[f"rng/rank{r}/torch"] = state["torch"]
     return out
 
@@ -516,7 +596,7 @@ def test_char_lstm_accepts_a_state_of_another_dtype():
     assert h.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (16-mixed uses a gradient scaler there)")
+@pytest.mark.cuda  # 16-mixed uses a gradient scaler on a GPU only
 @pytest.mark.parametrize("problem", ["tolstoi", "fmnist", "cifar10", "cifar100"])
 def test_16_mixed_trains_every_problem_on_gpu(problem, tmp_path, monkeypatch):
     _fit_in_precision(problem, tmp_path, monkeypatch, "16-mixed", accelerator="gpu")

@@ -27,7 +27,7 @@ __all__ = ["main", "build_parser", "EXPERIMENTS"]
 #: Experiment name -> (module, one-line help).
 EXPERIMENTS = {
     "sqp": ("sqp", "paper Fig. 2: SGD vs SSD on 100-d stochastic quadratic problems"),
-    "factors": ("factors", "paper Fig. 3: sign / Adam / M-SVAG variance adaptation factors"),
+    "factors": ("adaptation_factors", "paper Fig. 3: sign / Adam / M-SVAG variance adaptation factors"),
     "wilson": ("wilson", "paper §5, Lemmas 2/3: full-batch methods on Wilson et al.'s least squares"),
     "benchmark": ("benchmark", "paper §6 protocol: step-size search + seeds on a problem config"),
 }

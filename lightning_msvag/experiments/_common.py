@@ -6,7 +6,7 @@ import csv
 import json
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -50,9 +50,26 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def _create_part_file(path: Path) -> "tuple[int, str]":
+    """A new, unique ``<name>.<random>.part`` file beside ``path``, opened for writing.
+
+    Created with mode 0666 so that the kernel applies the user's umask, as for any other file the
+    project writes (PNGs, summary.md): ``tempfile.mkstemp`` would force 0600, leaving the results
+    unreadable to colleagues (and reading the umask with ``os.umask`` would briefly change it for
+    every thread of the process, e.g. the benchmark's run launchers).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = str(path.parent / f"{path.name}.{secrets.token_hex(6)}.part")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+
+
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    fd, tmp = _create_part_file(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)

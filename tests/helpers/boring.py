@@ -4,8 +4,9 @@ Linear → tanh → Dropout → Linear, cross-entropy on a flattened input, ``tr
 logged. Parameter names: ``hidden.weight``, ``hidden.bias``, ``out.weight``, ``out.bias``.
 ``dropout > 0`` makes training draw random numbers (so a callback that draws some, or
 reseeds, changes the trajectory); use ``dropout=0`` where two runs must agree across
-process layouts (DDP vs one process). The optimizer is picked by name and takes the
-library's default path unless ``fused`` is given.
+process layouts (DDP vs one process). The optimizer is picked by its name in the method
+table (``lightning_msvag.registry``; any spelling ``build_optimizer`` accepts: ``"msvag"``,
+``"adam"``) and the project's optimizers take the library's default path unless ``fused`` is given.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_msvag as lm
+from lightning_msvag.registry import get_method
 
-OPTIMIZERS = {"msvag": lm.MSVAG, "svag": lm.SVAG, "msgd": lm.MSGD, "mssd": lm.MSSD}
 PARAMETER_NAMES = ["hidden.weight", "hidden.bias", "out.weight", "out.bias"]
 
 
@@ -50,9 +51,9 @@ class BoringModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        if self.optimizer_name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=self.lr)
-        return OPTIMIZERS[self.optimizer_name](self.parameters(), lr=self.lr, fused=self.fused)
+        method = get_method(self.optimizer_name)
+        paths = {"fused": self.fused} if issubclass(method.cls, lm.DissectedOptimizer) else {}
+        return lm.build_optimizer(method.name, self.parameters(), lr=self.lr, **paths)
 
 
 def random_loader(n: int = 48, in_features: int = 6, batch_size: int = 8, shuffle: bool = True) -> DataLoader:

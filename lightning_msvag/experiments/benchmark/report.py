@@ -1,6 +1,7 @@
-"""Report: benchmark.png, lr_sensitivity.png and summary.md (with the claims table).
+"""Report: benchmark.png, lr_sensitivity.png and summary.md (with the claims table), drawn from
+what :func:`.collect.collect` computed.
 
-``python -m lightning_msvag.experiments.benchmark_report RESULTS_JSON`` rebuilds ``summary.md`` and
+``python -m lightning_msvag.experiments.benchmark.report RESULTS_JSON`` rebuilds ``summary.md`` and
 the claims of ``results.json`` from a ``results.json`` alone (no run records needed), e.g. for
 results made before the claims table existed.
 """
@@ -15,14 +16,13 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from ._common import read_json, write_json
-from .plotting import band, method_color, method_label, method_style, new_figure, save_figure
-from .benchmark_claims import evaluate_claims, paper_budget
-from .benchmark_collect import eval_matrix, smoothed_train, smoothing_window
-from .benchmark_config import BenchmarkConfig
-from .benchmark_plan import format_lr
+from .._common import read_json, write_json
+from ..plotting import band, method_color, method_label, method_style, new_figure, save_figure
+from .claims import evaluate_claims, paper_budget
+from .collect import Collection, eval_matrix, smoothed_train, smoothing_window
+from .config import BenchmarkConfig, format_lr
 
-__all__ = ["plot_curves", "plot_sensitivity", "summary_md", "claims_md", "rewrite_summary", "main"]
+__all__ = ["write_report", "plot_curves", "plot_sensitivity", "summary_md", "claims_md", "rewrite_summary", "main"]
 
 
 def _fmt(mean: Optional[float], std: Optional[float] = None, digits: int = 4) -> str:
@@ -31,6 +31,13 @@ def _fmt(mean: Optional[float], std: Optional[float] = None, digits: int = 4) ->
     if std is None:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def write_report(cfg: BenchmarkConfig, collected: Collection, out: Path) -> None:
+    """Write ``benchmark.png``, ``lr_sensitivity.png`` and ``summary.md`` into ``out``."""
+    plot_curves(cfg, collected.records, collected.choice, out / "benchmark.png")
+    plot_sensitivity(cfg, collected.result["methods"], out / "lr_sensitivity.png")
+    (out / "summary.md").write_text(summary_md(collected.result), encoding="utf-8")
 
 
 def plot_curves(cfg: BenchmarkConfig, records, choice, path) -> None:
@@ -260,7 +267,7 @@ def claims_md(result: Mapping[str, Any]) -> List[str]:
             "method's chosen step size; training loss = final evaluated training loss (lower is better).")
     else:
         lines.append(f"Budget: {b.get('steps')} steps per run, {b.get('seeds')} seeds.")
-    lines += ["Rules: `lightning_msvag/experiments/benchmark_claims.py` (cluster: the groups' ranges do not "
+    lines += ["Rules: `lightning_msvag/experiments/benchmark/claims.py` (cluster: the groups' ranges do not "
               "interleave and the gap between them exceeds each group's spread; group ahead: every method of one "
               "group better than every method of the other, *partly* if only the group means are; at least as "
               "good: better or equal, or worse by at most √(std₁² + std₂²)).", "",
@@ -293,7 +300,7 @@ def rewrite_summary(results_path: Path, out: Optional[Path] = None) -> Dict[str,
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lightning_msvag.experiments.benchmark_report",
+    p = argparse.ArgumentParser(prog="python -m lightning_msvag.experiments.benchmark.report",
                                 description="Rebuild summary.md (with the claims table) from a benchmark's results.json.")
     p.add_argument("results", type=Path, help="results.json of a 'reproduce benchmark' run")
     p.add_argument("--out", type=Path, help="write results.json and summary.md here (default: beside RESULTS)")

@@ -1,7 +1,7 @@
 """The methods the benchmark compares, derived from the method table (:data:`lightning_msvag.registry.METHODS`).
 
-The benchmark (:mod:`lightning_msvag.experiments.benchmark` and its ``benchmark_*`` modules)
-reads these views: the CLI's ``--methods`` choices and ``--grid`` defaults, the ``fit
+The benchmark (:mod:`lightning_msvag.experiments.benchmark`: its ``config``, ``plan`` and
+``claims`` modules) reads these views: the CLI's ``--methods`` choices and ``--grid`` defaults, the ``fit
 --optimizer`` class of each run, the sign-based / non-sign groups of the claims table. A
 method enters them by having a ``default_grid`` in the table; nothing here is hand-kept.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-from ..registry import METHODS
+from ...registry import METHODS
 
 __all__ = ["METHOD_CLASSES", "DEFAULT_GRIDS", "DEFAULT_METHODS", "SIGN_BASED", "NON_SIGN", "VARIANCE_ADAPTED_OF"]
 

@@ -9,43 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
-
-from ._common import read_json
-from .benchmark_config import BenchmarkConfig
+from .._common import read_json
+from .config import BenchmarkConfig, format_lr
 from .methods import METHOD_CLASSES
 
 __all__ = [
-    "FINISHED", "RunSpec", "format_lr", "parse_grid", "plan_search", "plan_replicate", "choose_lr", "final_metric",
+    "FINISHED", "RunSpec", "plan_search", "plan_replicate", "choose_lr", "final_metric",
     "run_dir", "settings", "fit_argv", "load_record", "is_finished", "chains", "select",
 ]
 
 FINISHED = ("done", "diverged")
-
-
-def format_lr(lr: float) -> str:
-    """Step size as used in run names (4 significant digits, e.g. ``0.001``, ``3``, ``1e-05``)."""
-    return f"{lr:.4g}"
-
-
-def parse_grid(spec: str) -> List[float]:
-    """``"lo:hi:n"`` (n log-spaced values, both ends included) or ``"a,b,c"`` -> sorted descending."""
-    spec = spec.strip()
-    try:
-        if ":" in spec:
-            lo, hi, n = spec.split(":")
-            lo_f, hi_f, n_i = float(lo), float(hi), int(n)
-            if not (0 < lo_f <= hi_f) or n_i < 1:
-                raise ValueError
-            values = [lo_f] if n_i == 1 else np.logspace(math.log10(lo_f), math.log10(hi_f), n_i).tolist()
-        else:
-            values = [float(v) for v in spec.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"bad step-size grid {spec!r}: use 'lo:hi:n' (log-spaced) or a comma list 'a,b,c'") from None
-    values = sorted({float(format_lr(v)) for v in values}, reverse=True)
-    if not values or any(v <= 0 or not math.isfinite(v) for v in values):
-        raise ValueError(f"step sizes must be positive and finite: {spec!r}")
-    return values
 
 
 @dataclass(frozen=True)
@@ -146,7 +119,7 @@ def fit_argv(cfg: BenchmarkConfig, spec: RunSpec, folder: Path) -> List[str]:
                       "version": "tb", "default_hp_metric": False},
     }
     recorder = {
-        "class_path": "lightning_msvag.experiments.recorder.RunRecorder",
+        "class_path": "lightning_msvag.experiments.benchmark.recorder.RunRecorder",
         "init_args": {"path": str(folder / "record.json"), "diverge_factor": cfg.diverge_factor,
                       "train_every": cfg.record_every},
     }

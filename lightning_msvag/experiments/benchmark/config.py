@@ -3,14 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from .methods import DEFAULT_GRIDS, DEFAULT_METHODS, METHOD_CLASSES
 
-__all__ = ["BenchmarkConfig", "add_arguments", "command_line"]
+__all__ = ["BenchmarkConfig", "add_arguments", "command_line", "format_lr", "parse_grid"]
+
+
+def format_lr(lr: float) -> str:
+    """Step size as used in run names (4 significant digits, e.g. ``0.001``, ``3``, ``1e-05``)."""
+    return f"{lr:.4g}"
+
+
+def parse_grid(spec: str) -> List[float]:
+    """``"lo:hi:n"`` (n log-spaced values, both ends included) or ``"a,b,c"`` -> sorted descending."""
+    spec = spec.strip()
+    try:
+        if ":" in spec:
+            lo, hi, n = spec.split(":")
+            lo_f, hi_f, n_i = float(lo), float(hi), int(n)
+            if not (0 < lo_f <= hi_f) or n_i < 1:
+                raise ValueError
+            values = [lo_f] if n_i == 1 else np.logspace(math.log10(lo_f), math.log10(hi_f), n_i).tolist()
+        else:
+            values = [float(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"bad step-size grid {spec!r}: use 'lo:hi:n' (log-spaced) or a comma list 'a,b,c'") from None
+    values = sorted({float(format_lr(v)) for v in values}, reverse=True)
+    if not values or any(v <= 0 or not math.isfinite(v) for v in values):
+        raise ValueError(f"step sizes must be positive and finite: {spec!r}")
+    return values
 
 
 @dataclass(frozen=True)
@@ -85,8 +113,6 @@ class BenchmarkConfig:
 
     def grids(self) -> Dict[str, List[float]]:
         """Each method's step sizes, largest first (``--grid`` or :data:`DEFAULT_GRIDS`)."""
-        from .benchmark_plan import parse_grid
-
         given: Dict[str, str] = {}
         for item in self.grid:
             if "=" not in item:

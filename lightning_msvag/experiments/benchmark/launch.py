@@ -15,13 +15,13 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ._common import read_json, write_json
-from .benchmark_config import BenchmarkConfig
-from .benchmark_plan import FINISHED, RunSpec, final_metric, fit_argv, format_lr, is_finished, load_record, run_dir, settings
+from .._common import read_json, write_json
+from .config import BenchmarkConfig, format_lr
+from .plan import FINISHED, RunSpec, final_metric, fit_argv, is_finished, load_record, run_dir, settings
 
 __all__ = ["execute_run", "execute", "progress"]
 
-_PROJECT_ROOT = Path(__file__).resolve().parents[2]
+_PROJECT_ROOT = Path(__file__).resolve().parents[3]  # benchmark/ -> experiments/ -> lightning_msvag/ -> repo
 
 
 def _tail(path: Path, chars: int = 3000) -> str:

@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from .plotting import method_label
+from ..plotting import method_label
 from .methods import NON_SIGN, SIGN_BASED, VARIANCE_ADAPTED_OF
 
 __all__ = ["Claim", "PAPER_PROBLEMS", "PAPER_SEEDS", "claims_for", "evaluate_claims", "paper_budget", "margin"]

@@ -1,18 +1,19 @@
-"""Collect: turn the run records into ``curves.csv`` and the ``results.json`` dictionary."""
+"""Collect: turn the run records into ``curves.csv`` and ``results.json`` (the numbers; :mod:`.report` draws them)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ._common import write_csv, write_json
-from .benchmark_claims import evaluate_claims, paper_budget
-from .benchmark_config import BenchmarkConfig, command_line
-from .benchmark_plan import RunSpec, final_metric, load_record, plan_replicate, plan_search
+from .._common import write_csv, write_json
+from .claims import evaluate_claims, paper_budget
+from .config import BenchmarkConfig, command_line
+from .plan import RunSpec, final_metric, load_record, plan_replicate, plan_search
 
-__all__ = ["collect", "curve_rows", "eval_matrix", "smoothed_train", "smoothing_window", "MAX_CURVE_POINTS"]
+__all__ = ["Collection", "collect", "curve_rows", "eval_matrix", "smoothed_train", "smoothing_window", "MAX_CURVE_POINTS"]
 
 #: results.json keeps at most this many points of each method's smoothed training-loss curve.
 MAX_CURVE_POINTS = 400
@@ -84,10 +85,17 @@ def _curves(recs: List[dict]) -> Optional[Dict[str, Any]]:
     return curves
 
 
-def collect(cfg: BenchmarkConfig, out: Path) -> Dict[str, Any]:
-    """Build ``curves.csv``, ``benchmark.png``, ``lr_sensitivity.png``, ``summary.md``, ``results.json``."""
-    from .benchmark_report import plot_curves, plot_sensitivity, summary_md
+@dataclass(frozen=True)
+class Collection:
+    """What :func:`collect` found: the ``results.json`` dictionary and the records it came from."""
 
+    result: Dict[str, Any]
+    records: Dict[RunSpec, Optional[dict]]  # every planned run -> its record (None: missing or stale)
+    choice: Dict[str, Any]  # method -> chosen step size, criterion, search_complete
+
+
+def collect(cfg: BenchmarkConfig, out: Path) -> Collection:
+    """Read the run records; write ``curves.csv`` and ``results.json`` (with the claims table's verdicts)."""
     seeds = cfg.seeds
     search = plan_search(cfg)
     replicate, choice = plan_replicate(cfg, out)
@@ -175,7 +183,4 @@ def collect(cfg: BenchmarkConfig, out: Path) -> Dict[str, Any]:
     result["budget"] = paper_budget(result)
     result["claims"] = evaluate_claims(result)
     write_json(out / "results.json", result)
-    plot_curves(cfg, records, choice, out / "benchmark.png")
-    plot_sensitivity(cfg, methods, out / "lr_sensitivity.png")
-    (out / "summary.md").write_text(summary_md(result), encoding="utf-8")
-    return result
+    return Collection(result, records, choice)

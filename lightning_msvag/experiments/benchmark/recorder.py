@@ -4,7 +4,7 @@ The benchmark runner adds it to every run (``--trainer.callbacks+=...``), but it
 callback: add it to any ``lightning-msvag fit`` run to get the same record::
 
     lightning-msvag fit --config configs/tolstoi_char_rnn.yaml \\
-        --trainer.callbacks+='{"class_path": "lightning_msvag.experiments.recorder.RunRecorder",
+        --trainer.callbacks+='{"class_path": "lightning_msvag.experiments.benchmark.recorder.RunRecorder",
                                "init_args": {"path": "runs/x/record.json"}}'
 
 The record (rewritten after every evaluation, so a killed run leaves its progress behind)::
@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional
 
 import pytorch_lightning as pl
 
-from ._common import read_json, write_json
+from .._common import read_json, write_json
 
 __all__ = ["RunRecorder", "EVAL_KEYS"]
 
