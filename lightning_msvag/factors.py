@@ -16,6 +16,10 @@ A factor ties γ to the estimated relative variance η̂² through γ = (1 + λ 
   ε and ``amsgrad``'s running maximum are ignored: the paper's factor, not the exact step;
 * M-SGD / M-SSD with a :class:`MomentTracker`: the γ M-SVAG would apply to the same
   gradients, from the optimizer's m~ and the tracker's v~.
+
+Complex parameters are stepped as (real, imaginary) pairs (``torch.view_as_real``, as
+torch's optimizers do), so their γ is that of the real view: shape ``p.shape + (2,)``,
+real dtype (``γ[..., 0]`` for the real parts, ``γ[..., 1]`` for the imaginary parts).
 """
 
 from __future__ import annotations
@@ -84,7 +88,10 @@ class MomentTracker:
                 entry = self.buffers.get(p)
                 if entry is None:
                     entry = self.buffers[p] = [torch.zeros_like(p, memory_format=torch.preserve_format), 0]
-                entry[0].mul_(beta).addcmul_(p.grad, p.grad, value=1.0 - beta)
+                v, g = entry[0], p.grad
+                if v.is_complex():  # per real coordinate, as the optimizers' own v~
+                    v, g = torch.view_as_real(v), torch.view_as_real(g.resolve_conj())
+                v.mul_(beta).addcmul_(g, g, value=1.0 - beta)
                 entry[1] += 1
 
     def state_dict(self, names: Mapping[Tensor, str]) -> Dict[str, Dict[str, object]]:
@@ -160,6 +167,8 @@ def adam_factors(optimizer: Optimizer) -> Iterator[Factor]:
                 continue
             state, k = found
             m, v = state["exp_avg"], state["exp_avg_sq"]
+            if m.is_complex():  # torch's Adam steps complex parameters on the real view
+                m, v = torch.view_as_real(m), torch.view_as_real(v)
             if m.dtype in _LOW_PRECISION or m.dtype != v.dtype:
                 m, v = m.float(), v.float()
             # (1 + η̂²)^(-1/2) = |m| / sqrt(max(v, m²)) with m = m~/bc1, v = v~/bc2; 0 where m = v = 0

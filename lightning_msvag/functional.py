@@ -22,6 +22,15 @@ lists of tensors. Every path runs *that* ``_update_math``, with its own ``ops`` 
 The scalars (bias correction, ρ, the coefficients of γ, the step size) are computed in
 Python, once per (step, group), by :func:`~lightning_msvag.rule._coefficients`; every path uses them.
 
+Complex parameters: every path steps them as (real, imaginary) pairs, through
+``torch.view_as_real`` of θ, g, m~ and v~ (the paper's math is per real coordinate, as in
+torch's optimizers); the buffers keep the parameter's complex shape and v~ holds the
+per-real-coordinate squares (re² and im² in its real and imaginary parts).
+
+AMP: ``grad_scale`` (a GradScaler's scale) is folded into the gradient multiplier of the
+math (``Coefficients.grad_sign`` = ±1/scale), so the gradients are unscaled inside the
+update, on every path; a nonzero ``found_inf`` skips the update.
+
 16-bit parameters (float16, bfloat16): every path computes the step in float32 from the
 16-bit values of θ, g, m~, v~ and rounds θ, m~, v~ to the parameter dtype once at the end
 (round to nearest even). float64 computes in float64, float32 in float32.
@@ -39,7 +48,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -67,6 +76,7 @@ __all__ = [
     "variance_adaptation_factor",
     "dissected_adam",
     "fused_path_available",
+    "fused_devices",
 ]
 
 #: Elements per tile on CPU (single- and multi-tensor paths). 2**20 float32 values are
@@ -87,7 +97,7 @@ class _TensorOps:
     def __init__(self, dtype: torch.dtype):
         self.tiny = torch.finfo(dtype).tiny
 
-    scale_grad = staticmethod(lambda g, s: g if s == 1.0 else torch.neg(g))
+    scale_grad = staticmethod(lambda g, s: g if s == 1.0 else torch.mul(g, s))  # ±1/grad_scale
     lerp_ = staticmethod(lambda m, g, w: m.lerp_(g, w))
     ema_square_ = staticmethod(lambda v, g, beta, w: v.mul_(beta).addcmul_(g, g, value=w))
     sign = staticmethod(torch.sign)
@@ -106,7 +116,7 @@ class _ForeachOps:
     def __init__(self, dtype: torch.dtype):
         self.tiny = torch.finfo(dtype).tiny
 
-    scale_grad = staticmethod(lambda g, s: g if s == 1.0 else torch._foreach_neg(g))
+    scale_grad = staticmethod(lambda g, s: g if s == 1.0 else torch._foreach_mul(g, s))  # ±1/grad_scale
     sign = staticmethod(torch._foreach_sign)
     mul = staticmethod(torch._foreach_mul)
     add_scaled = staticmethod(lambda a, b, k: torch._foreach_add(a, b, alpha=k))
@@ -141,7 +151,11 @@ def variance_adaptation_factor(
     ``direction="momentum"`` gives M-SVAG's γ = m²/(m² + ρ s), ``"gradient"`` SVAG's
     γ = m²/(m² + s). γ ∈ [0, 1], and γ = 0 where m = v = 0. At k = 1, s = 0 exactly, so
     γ = 1 wherever m ≠ 0. Returned in float32 for 16-bit inputs, else in their dtype.
+    Complex buffers (a complex parameter) give γ of the real view: shape ``exp_avg.shape
+    + (2,)``, the (real, imaginary) coordinates the optimizers step (real dtype).
     """
+    if exp_avg.is_complex():
+        exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)
     compute = _compute_dtype(exp_avg.dtype)
     if step == 1:
         return (exp_avg != 0).to(compute)
@@ -176,11 +190,20 @@ def _upcast(tensors):
     return [None if t is None else t.float() for t in tensors]
 
 
-def _single_tensor_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, beta, maximize, tile_numel):
+def _step_coefficients(rule, lr, beta, step, maximize, grad_scale):
+    """:func:`~lightning_msvag.rule._coefficients`, with 1/``grad_scale`` folded into the
+    gradient multiplier (AMP: the gradients are unscaled inside the update)."""
+    c = _coefficients(rule, lr, beta, step, maximize)
+    return c if grad_scale == 1.0 else c._replace(grad_sign=c.grad_sign / grad_scale)
+
+
+def _single_tensor_update(
+    params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, beta, maximize, tile_numel, grad_scale=1.0
+):
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         tensors = (param, grad, exp_avg, exp_avg_sq)
         chunks = _flat_chunks(tensors, tile_numel) if _can_tile(tensors, tile_numel) else [tensors]
-        c = _coefficients(rule, lr, beta, step, maximize)
+        c = _step_coefficients(rule, lr, beta, step, maximize, grad_scale)
         low_precision = param.dtype in _LOW_PRECISION
         ops = _TensorOps(_compute_dtype(param.dtype))
         for p, g, m, v in chunks:
@@ -218,14 +241,16 @@ def _tile_groups(tensor_lists: Sequence[Sequence[Optional[Tensor]]], tile_numel:
         yield group
 
 
-def _multi_tensor_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, beta, maximize, tile_numel):
+def _multi_tensor_update(
+    params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, beta, maximize, tile_numel, grad_scale=1.0
+):
     # foreach ops need one device, dtype and (for the scalars) step per call
     buckets: dict = {}
     for i, (p, step) in enumerate(zip(params, steps)):
         buckets.setdefault((p.device, p.dtype, step), []).append(i)
     for (device, dtype, step), indices in buckets.items():
         lists = [[lst[i] for i in indices] for lst in (params, grads, exp_avgs, exp_avg_sqs)]
-        c = _coefficients(rule, lr, beta, step, maximize)
+        c = _step_coefficients(rule, lr, beta, step, maximize, grad_scale)
         ops = _ForeachOps(_compute_dtype(dtype))
         if device.type != "cpu" or tile_numel is None:
             groups = [list(zip(*lists))]  # whole tensors, one foreach call per list
@@ -262,7 +287,9 @@ def fused_path_available() -> bool:
     return _cpu_kernel.available()
 
 
-def _fused_cpu_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, beta, maximize, tile_numel):
+def _fused_cpu_update(
+    params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, beta, maximize, tile_numel, grad_scale=1.0
+):
     """CPU tensors through the generated C++ kernel: one call per (step, dtype) bucket.
 
     Non-contiguous tensors, unsupported dtypes, and everything when the kernel cannot be
@@ -272,7 +299,7 @@ def _fused_cpu_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, 
     if kernel is None:  # warned once
         _multi_tensor_update(
             params, grads, exp_avgs, exp_avg_sqs, steps,
-            rule=rule, lr=lr, beta=beta, maximize=maximize, tile_numel=tile_numel,
+            rule=rule, lr=lr, beta=beta, maximize=maximize, tile_numel=tile_numel, grad_scale=grad_scale,
         )
         return
     need_m, need_v = rule.needs_first_moment, rule.needs_second_moment
@@ -285,7 +312,7 @@ def _fused_cpu_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, 
     ):
         kernel(
             rule, params[0].dtype, params, grads, exp_avgs if need_m else None, exp_avg_sqs if need_v else None,
-            _coefficients(rule, lr, beta, steps[0], maximize), KERNEL_GRAIN,
+            _step_coefficients(rule, lr, beta, steps[0], maximize, grad_scale), KERNEL_GRAIN,
         )
         return
     buckets: dict = {}
@@ -308,13 +335,13 @@ def _fused_cpu_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, 
             [params[i] for i in indices], [grads[i] for i in indices],
             [exp_avgs[i] for i in indices] if need_m else None,
             [exp_avg_sqs[i] for i in indices] if need_v else None,
-            _coefficients(rule, lr, beta, step, maximize),
+            _step_coefficients(rule, lr, beta, step, maximize, grad_scale),
             KERNEL_GRAIN,
         )
     if rest:
         _multi_tensor_update(
             *([lst[i] for i in rest] for lst in (params, grads, exp_avgs, exp_avg_sqs, steps)),
-            rule=rule, lr=lr, beta=beta, maximize=maximize, tile_numel=tile_numel,
+            rule=rule, lr=lr, beta=beta, maximize=maximize, tile_numel=tile_numel, grad_scale=grad_scale,
         )
 
 
@@ -326,38 +353,128 @@ def dissected_adam(
     steps: List[int],
     *,
     rule: UpdateRule,
-    lr: float,
+    lr: Union[float, Tensor],
     beta: float,
     maximize: bool = False,
     foreach: bool = False,
     fused: bool = False,
     tile_numel: Optional[int] = CPU_TILE_NUMEL,
+    grad_scale: Optional[Union[float, Tensor]] = None,
+    found_inf: Optional[Tensor] = None,
 ) -> None:
     """One in-place step of the family member ``rule`` on a list of tensors (docs/algorithm.md §1).
 
     ``steps[i]`` is the 1-based step number k of tensor i *including* this step.
     ``exp_avgs`` / ``exp_avg_sqs`` may hold ``None`` entries where the rule keeps no first
-    / second moment. ``tile_numel`` sets the CPU tile size of the single- and multi-tensor
-    paths; ``None`` processes whole tensors (as on CUDA). ``fused`` runs the generated C++
-    kernel (CPU tensors only: a non-CPU tensor raises ``ValueError``).
+    / second moment. ``lr``: a number or a 1-element tensor. ``tile_numel`` sets the CPU
+    tile size of the single- and multi-tensor paths; ``None`` processes whole tensors (as
+    on CUDA). ``fused`` runs the fused kernel (devices of :func:`fused_devices` only: other
+    tensors raise ``RuntimeError``, as torch's fused optimizers do). Complex tensors are
+    stepped as (real, imaginary) pairs. ``grad_scale``: the gradients are divided by it
+    inside the update (AMP); ``found_inf`` nonzero: nothing is updated (the caller's step
+    counts are its own). Everything is checked before any tensor is written.
     """
     if not params:
         return
-    if not (math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"invalid learning rate {lr}")
+    _check_step_inputs(params, grads, lr=lr, foreach=foreach, fused=fused)
+    if found_inf is not None and _amp_found_inf(found_inf):
+        return
+    _run_step(
+        params, grads, exp_avgs, exp_avg_sqs, steps, rule=rule, lr=lr, beta=beta, maximize=maximize,
+        foreach=foreach, fused=fused, tile_numel=tile_numel, grad_scale=grad_scale,
+    )
+
+
+def fused_devices() -> Tuple[str, ...]:
+    """Device types the fused path has a kernel for: the one place that says so (a device
+    joins here when its kernel does)."""
+    return ("cpu",)
+
+
+#: dtypes the fused kernel steps: its own, and the complex ones whose real view is one of them
+_FUSED_DTYPES = frozenset(_cpu_kernel.DTYPES) | {torch.complex64, torch.complex128, torch.complex32}
+_IS_SPARSE = operator.attrgetter("is_sparse")
+
+
+def _fused_unsupported(params: Sequence[Tensor]) -> Optional[Tensor]:
+    """The first tensor the fused path cannot step (device or dtype), or ``None``."""
+    devices = fused_devices()
+    if devices == ("cpu",) and all(map(_IS_CPU, params)) and set(map(_DTYPE, params)) <= _FUSED_DTYPES:
+        return None  # the common case, at C speed
+    for p in params:
+        if p.device.type not in devices or p.dtype not in _FUSED_DTYPES:
+            return p
+    return None
+
+
+def _check_lr(lr) -> None:
+    """A finite number ≥ 0, or a 1-element tensor holding one (torch's wording for others).
+
+    A tensor off the CPU is not read here (that would synchronise): its path reads it.
+    """
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not lr.is_cpu:
+            return
+        value = float(lr)
+    else:
+        value = lr
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"invalid learning rate {value!r} (need a finite number >= 0)")
+
+
+def _check_step_inputs(params, grads, *, lr, foreach: bool, fused: bool) -> None:
+    """Everything a step can refuse, checked before anything is written (a refused step is a no-op)."""
+    _check_lr(lr)
+    if any(map(_IS_SPARSE, grads)):
+        raise RuntimeError("the optimizers of lightning-msvag do not support sparse gradients")
     if fused:
         if foreach:
-            raise ValueError("fused and foreach cannot both be True")
-        if not all(map(_IS_CPU, params)):
-            devices = {p.device.type for p in params if p.device.type != "cpu"}
-            raise ValueError(
-                f"fused=True is a CPU kernel; parameters on {sorted(devices)} cannot use it "
-                "(use foreach=True or the default)"
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        bad = _fused_unsupported(params)
+        if bad is not None:
+            # torch's wording (torch/optim/optimizer.py, _device_dtype_check_for_fused)
+            raise RuntimeError(
+                "`fused=True` requires all the params to be floating point Tensors of supported devices: "
+                f"{list(fused_devices())} but {bad.dtype} and {bad.device.type} "
+                "(lightning-msvag: complex parameters are accepted too; use foreach=True or the default "
+                "fused=None for other devices)"
             )
+
+
+def _amp_found_inf(found_inf) -> bool:
+    """A GradScaler's ``found_inf`` is nonzero: the step is skipped (a host read of the flag)."""
+    return bool(float(found_inf) != 0.0)
+
+
+def _real_views(params, grads, exp_avgs, exp_avg_sqs):
+    """Complex tensors as their (…, 2) real views (torch's ``_view_as_real``); other lists unchanged."""
+    if not any(map(torch.is_complex, params)):
+        return params, grads, exp_avgs, exp_avg_sqs
+
+    def real(t):
+        return t if t is None or not t.is_complex() else torch.view_as_real(t)
+
+    # a gradient is only read: a lazily conjugated one may be materialised (θ, m~, v~ are written in place)
+    grads = [g.resolve_conj() if g.is_complex() else g for g in grads]
+    return tuple([real(t) for t in lst] for lst in (params, grads, exp_avgs, exp_avg_sqs))
+
+
+def _run_step(
+    params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, beta, maximize, foreach, fused, tile_numel,
+    grad_scale=None,
+) -> None:
+    """:func:`dissected_adam` after its checks (the optimizers check every group first)."""
+    if not params:
+        return
+    params, grads, exp_avgs, exp_avg_sqs = _real_views(params, grads, exp_avgs, exp_avg_sqs)
+    if fused:
         update = _fused_cpu_update
     else:
         update = _multi_tensor_update if foreach else _single_tensor_update
     update(
         params, grads, exp_avgs, exp_avg_sqs, steps,
-        rule=rule, lr=lr, beta=beta, maximize=maximize, tile_numel=tile_numel,
+        rule=rule, lr=float(lr), beta=beta, maximize=maximize, tile_numel=tile_numel,
+        grad_scale=1.0 if grad_scale is None else float(grad_scale),
     )

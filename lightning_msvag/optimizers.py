@@ -18,19 +18,29 @@ nowhere else: the coordinate stops moving (NaN) or keeps moving by α (inf). Two
 ``error_if_nonfinite=True`` checks all gradients before touching any state and raises a
 ``RuntimeError`` (state and parameters unchanged), and :meth:`DissectedOptimizer.nonfinite_state`
 lists the parameters whose buffers hold non-finite values.
+
+What carries over from ``torch.optim`` (docs/algorithm.md §4 lists what deliberately does
+not): a ``step`` loaded as a number or an integer tensor (old checkpoints) is converted
+to the float32 tensor; complex parameters are stepped as (real, imaginary) pairs; ``lr``
+may be a 1-element tensor (schedulers that write tensors); a step that raises leaves
+the optimizer unchanged (everything is checked before any state is created or counter
+advanced); with ``fused=True`` the optimizer joins the GradScaler protocol of torch's
+fused optimizers (``_step_supports_amp_scaling``: the gradients are unscaled inside the
+update and a step with ``found_inf`` is skipped).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from .factors import dissected_factors
-from .functional import CPU_TILE_NUMEL, dissected_adam, fused_path_available
+from . import functional as F
+from .functional import CPU_TILE_NUMEL, fused_path_available
 from .rule import UpdateRule
 
 __all__ = ["DissectedOptimizer", "MSGD", "MSSD", "MSVAG", "SVAG", "SSD"]
@@ -43,12 +53,11 @@ def _default_paths(params: List[Tensor], foreach: Optional[bool], fused: Optiona
     one call per group), unless it cannot be built here (no C++ compiler: one warning,
     then multi-tensor). Other devices (CUDA): multi-tensor (one kernel launch per list
     instead of per tensor). An explicit ``foreach`` keeps ``fused=None`` off. Measured in
-    benchmarks/optimizer_step.py. (``fused=True`` with non-CPU tensors raises
-    ``ValueError`` in the step: there is no fused kernel for them.)
+    benchmarks/optimizer_step.py. (``fused=True`` with tensors the fused kernel cannot
+    step raises ``RuntimeError`` in the step, as torch's fused optimizers do.)
     """
-    on_cpu = all(p.is_cpu for p in params)
     if fused is None:
-        fused = foreach is None and on_cpu and fused_path_available()
+        fused = foreach is None and F._fused_unsupported(params) is None and fused_path_available()
     if foreach is None:
         foreach = not fused and not torch.jit.is_scripting()
     return bool(foreach), bool(fused)
@@ -72,8 +81,11 @@ class DissectedOptimizer(Optimizer):
             m~, v~; no temporaries), parallel over all elements, like torch's fused Adam
             (:mod:`lightning_msvag._cpu_kernel`). ``None`` (default) uses it on CPU for
             every rule unless ``foreach`` is set; other devices (CUDA) take the
-            multi-tensor path. ``True`` with non-CPU parameters raises ``ValueError``
-            (there is no fused CUDA kernel; no silent fallback). ``False`` never. The
+            multi-tensor path. ``True`` with parameters on other devices raises
+            ``RuntimeError`` in ``step()`` (torch's fused optimizers' error; there is no
+            fused CUDA kernel yet; no silent fallback). ``True`` also joins the AMP
+            protocol of torch's fused optimizers: a ``torch.amp.GradScaler`` leaves the
+            gradients scaled and the step unscales them (and skips itself on inf). ``False`` never. The
             kernel is compiled with the system C++ compiler once per machine and version
             (about 1-3 s, announced in one line, cached on disk under
             ``~/.cache/lightning_msvag`` or ``$LIGHTNING_MSVAG_CACHE``, file-locked for
@@ -91,7 +103,7 @@ class DissectedOptimizer(Optimizer):
     def __init__(
         self,
         params: Iterable,
-        lr: float = 1e-3,
+        lr: "float | Tensor" = 1e-3,
         beta: float = 0.9,
         *,
         maximize: bool = False,
@@ -101,7 +113,14 @@ class DissectedOptimizer(Optimizer):
     ) -> None:
         _check_hyperparameters(type(self).__name__, lr, beta)
         if fused and foreach:
-            raise ValueError(f"{type(self).__name__}: fused and foreach cannot both be True")
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")  # torch's wording
+        if fused:
+            # torch's fused-optimizer AMP protocol (torch.amp.GradScaler.step): the scaler sets
+            # grad_scale / found_inf on the optimizer instead of unscaling the gradients itself.
+            # Only for an explicit fused=True, as torch: with it Lightning refuses gradient
+            # clipping, and hooks between backward and step see scaled gradients
+            # (docs/algorithm.md §4). step() handles both on every path it may take.
+            self._step_supports_amp_scaling = True
         defaults = dict(
             lr=lr,
             beta=beta,
@@ -110,6 +129,8 @@ class DissectedOptimizer(Optimizer):
             fused=fused,
             error_if_nonfinite=error_if_nonfinite,
         )
+        #: id(group) -> ids of its step tensors, while they are known to agree (see _read_steps)
+        self._uniform_steps: Dict[int, List[int]] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -124,32 +145,79 @@ class DissectedOptimizer(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._uniform_steps = {}  # the state may have changed: read every counter once
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
             group.setdefault("error_if_nonfinite", False)
+            for p in group["params"]:
+                p_state = self.state.get(p)
+                if p_state and "step" in p_state:
+                    p_state["step"] = _step_tensor(p_state["step"])
 
-    def _init_group(self, group: dict):
-        params, grads, exp_avgs, exp_avg_sqs, step_tensors = [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
+    def _checked_groups(self) -> List[tuple]:
+        """Every group's (group, params, grads, foreach, fused), after checking everything a step
+        can refuse: hyperparameters, sparse gradients, the path's requirements. Nothing is
+        changed here, so a refused step leaves the optimizer as it was."""
+        name = type(self).__name__
+        checked = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError(f"{name} does not support sparse gradients")
+            _check_hyperparameters(name, group["lr"], group["beta"])
+            if group["fused"] and group["foreach"]:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+            foreach, fused = _default_paths(params, group["foreach"], group["fused"], self.rule)
+            F._check_step_inputs(params, grads, lr=group["lr"], foreach=foreach, fused=fused)
+            checked.append((group, params, grads, foreach, fused))
+        return checked
+
+    def _init_state(self, params: List[Tensor]):
+        """The buffers and step tensors of ``params``, created (zeros, step 0) where missing;
+        also whether any was created."""
+        exp_avgs, exp_avg_sqs, step_tensors = [], [], []
+        created = False
+        for p in params:
             state = self.state[p]
             if len(state) == 0:
+                created = True
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                # complex parameters: complex buffers, stepped through their real views
                 if self.rule.needs_first_moment:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if self.rule.needs_second_moment:
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
             exp_avgs.append(state.get("exp_avg"))
             exp_avg_sqs.append(state.get("exp_avg_sq"))
             step_tensors.append(state["step"])
-        return params, grads, exp_avgs, exp_avg_sqs, step_tensors
+        return exp_avgs, exp_avg_sqs, step_tensors, created
+
+    def _read_steps(self, index: int, step_tensors: List[Tensor], created: bool) -> List[int]:
+        """The (already advanced) step counters of a group as ints.
+
+        Reading a 0-dim tensor costs ~0.3 µs; 2,000 of them add up (issue 17). When the
+        same step tensors as last step were advanced together (none created since, none
+        replaced: compared by identity; ``load_state_dict`` forgets what is known) and they
+        agreed then, they still agree: read the first (and the last). Otherwise read each,
+        and remember whether they agree.
+        """
+        ids = list(map(id, step_tensors))
+        known = self._uniform_steps.get(index)
+        if not created and known is not None and known == ids:
+            k = int(step_tensors[0])
+            if int(step_tensors[-1]) == k:  # a cheap guard against a hand-edited counter
+                return [k] * len(step_tensors)
+        steps = [int(s) for s in step_tensors]
+        if steps.count(steps[0]) == len(steps):
+            self._uniform_steps[index] = ids
+        else:
+            self._uniform_steps.pop(index, None)
+        return steps
 
     def _check_finite(self, gradients: List[Tuple[int, int, Tensor]]) -> None:
         if not gradients:
@@ -165,12 +233,20 @@ class DissectedOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
-        """Perform one step. ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one step. ``closure`` re-evaluates the model and returns the loss.
+
+        Everything that can be refused is refused before any state is created or any
+        counter advanced (a step that raises is a no-op). Under a ``torch.amp.GradScaler``
+        with ``fused=True`` (see the class): the gradients are divided by the scaler's
+        ``grad_scale`` inside the update, and a nonzero ``found_inf`` skips the step
+        entirely (state, counters and parameters unchanged).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
 
+        checked = self._checked_groups()
         # error_if_nonfinite: look at every gradient before any state changes
         self._check_finite(
             [
@@ -181,20 +257,21 @@ class DissectedOptimizer(Optimizer):
                 if p.grad is not None
             ]
         )
+        # set by GradScaler.step for optimizers with _step_supports_amp_scaling, deleted after
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and F._amp_found_inf(found_inf):
+            return loss
 
-        groups = [(group, self._init_group(group)) for group in self.param_groups]
-
-        for group, (params, grads, exp_avgs, exp_avg_sqs, step_tensors) in groups:
-            if not params:
-                continue
+        for group, params, grads, foreach, fused in checked:
+            exp_avgs, exp_avg_sqs, step_tensors, created = self._init_state(params)
             torch._foreach_add_(step_tensors, 1.0)  # one call, not one per parameter
-            foreach, fused = _default_paths(params, group["foreach"], group["fused"], self.rule)
-            dissected_adam(
+            F._run_step(
                 params,
                 grads,
                 exp_avgs,
                 exp_avg_sqs,
-                [int(s.item()) for s in step_tensors],
+                self._read_steps(id(group), step_tensors, created),
                 rule=self.rule,
                 lr=group["lr"],
                 beta=group["beta"],
@@ -202,6 +279,7 @@ class DissectedOptimizer(Optimizer):
                 foreach=foreach,
                 fused=fused,
                 tile_numel=self._tile_numel,
+                grad_scale=grad_scale,
             )
         return loss
 
@@ -229,7 +307,8 @@ class _VarianceAdapted(DissectedOptimizer):
 
         Computed from the state (m~, v~, step) on each call, so nothing is stored twice;
         each tensor has the parameter's shape and device, values in [0, 1] (float32 for
-        16-bit parameters). Read-only: the optimizer is not changed. The same walk as the
+        16-bit parameters; a complex parameter's γ is that of its real view, shape
+        ``p.shape + (2,)``, see :mod:`lightning_msvag.factors`). Read-only: the optimizer is not changed. The same walk as the
         γ monitor's (:func:`lightning_msvag.factors.dissected_factors`).
         """
         return [factor.gamma for factor in dissected_factors(self)]
@@ -284,9 +363,25 @@ class SSD(DissectedOptimizer):
     rule = UpdateRule(direction="gradient", sign=True, variance_adaptation=False)
 
 
+def _step_tensor(step) -> Tensor:
+    """A loaded ``step`` as the optimizers keep it: a float32 0-dim tensor (its device kept).
+
+    Old checkpoints and hand-edited states carry a number or an integer tensor; torch's
+    Adam accepts them too (its ``__setstate__`` converts them).
+    """
+    if isinstance(step, Tensor):
+        if step.dtype == torch.float32 and step.dim() == 0:
+            return step
+        return step.detach().reshape(()).to(torch.float32)
+    return torch.tensor(float(step), dtype=torch.float32)
+
+
 def _check_hyperparameters(name: str, lr, beta) -> None:
-    if isinstance(lr, Tensor) or isinstance(beta, Tensor):
-        raise ValueError(f"{name}: lr and beta must be Python numbers, not tensors")
+    if isinstance(beta, Tensor):
+        raise ValueError(f"{name}: beta must be a Python number, not a tensor")
+    if isinstance(lr, Tensor):
+        F._check_lr(lr)  # 1-element (torch's wording otherwise), a finite number >= 0 on CPU
+        return
     if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"{name}: invalid learning rate {lr!r} (need a finite number >= 0)")
     if not isinstance(beta, (int, float)) or not (0.0 <= beta < 1.0):

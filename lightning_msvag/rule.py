@@ -126,7 +126,7 @@ class Coefficients(NamedTuple):
     the numeric fields are the names of the kernel's scalar arguments instead of numbers.
     """
 
-    grad_sign: object  # +1, or −1 for maximize
+    grad_sign: object  # the gradient multiplier: +1, −1 for maximize, divided by an AMP grad scale
     one_minus_beta: object
     beta: object
     kappa: object
@@ -193,7 +193,7 @@ class UpdateOps(Protocol):
     tiny: Any
 
     def scale_grad(self, g: Value, s: Any) -> Value:
-        """s·g with s = ±1 (maximize); new value, or ``g`` itself when s = +1 (g is only read)."""
+        """s·g with s = ±1 (maximize) / grad scale (AMP); new value, or ``g`` itself when s = +1 (g is only read)."""
 
     def lerp_(self, m: Value, g: Value, w: Any) -> Value:
         """m ← m + w (g − m), in place on ``m``."""
@@ -252,7 +252,7 @@ def _update_math(rule: UpdateRule, ops: UpdateOps, c: Coefficients, p: Value, g:
     ``ops`` may update its arguments in place (torch paths) or return new values
     (the C++ generator); callers use the returned values (see :class:`UpdateOps`).
     """
-    g = ops.scale_grad(g, c.grad_sign)  # maximize: ascend = descend on −g
+    g = ops.scale_grad(g, c.grad_sign)  # maximize: ascend = descend on −g; AMP: unscale
     if rule.needs_first_moment:
         m = ops.lerp_(m, g, c.one_minus_beta)  # m~ ← β m~ + (1−β) g
     if rule.needs_second_moment:

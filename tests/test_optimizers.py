@@ -698,12 +698,373 @@ def test_concurrent_first_steps_build_the_kernel_once(tmp_path):
 @pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("method", list(CLASSES))
 def test_fused_true_with_non_cpu_tensors_raises(method, device):
-    """No silent fallback: there is no fused kernel for CUDA (or any non-CPU) tensors."""
+    """No silent fallback: there is no fused kernel for CUDA (or any non-CPU) tensors; the
+    error is torch's for its fused optimizers (RuntimeError, its wording), raised before any
+    state exists."""
     p = torch.nn.Parameter(torch.zeros(4, device=device))
     p.grad = torch.zeros(4, device=device)
     opt = CLASSES[method]([p], lr=0.1, fused=True)
-    with pytest.raises(ValueError, match="fused=True is a CPU kernel"):
+    torch_wording = r"`fused=True` requires all the params to be floating point Tensors of supported devices: \['cpu'\]"
+    with pytest.raises(RuntimeError, match=torch_wording):
         opt.step()
-    with pytest.raises(ValueError, match="fused=True is a CPU kernel"):
+    assert len(opt.state) == 0
+    with pytest.raises(RuntimeError, match=torch_wording):
         F.dissected_adam([p], [p.grad], [torch.zeros_like(p)], [torch.zeros_like(p)], [1],
                          rule=CLASSES[method].rule, lr=0.1, beta=0.9, fused=True)
+    with pytest.raises(RuntimeError, match=r"^`fused` and `foreach` cannot be `True` together\.$"):
+        CLASSES[method]([p], lr=0.1, fused=True, foreach=True)
+
+
+# --------------------------------------------------------------------------------------
+# What a torch.optim user expects to carry over (the behaviours of torch's generic optimizer
+# tests, test/test_optim.py, which is not shipped in the torch wheel; issue 18)
+# --------------------------------------------------------------------------------------
+
+#: the paths a step may take on CPU (the fused kernel, whole-tensor single and multi)
+CPU_PATHS = ["single", "multi", "fused"]
+
+
+def _snapshot(opt, params):
+    """Everything a step may change: parameters, state (deep copy), per-group hyperparameters."""
+    return (
+        [p.detach().clone() for p in params],
+        copy.deepcopy({id(p): s for p, s in opt.state.items()}),
+    )
+
+
+def _assert_unchanged(opt, params, snapshot):
+    values, state = snapshot
+    for p, before in zip(params, values):
+        assert torch.equal(p.detach(), before)
+    now = {id(p): s for p, s in opt.state.items() if len(s)}
+    assert now.keys() == state.keys()
+    for key, entries in state.items():
+        assert now[key].keys() == entries.keys()
+        for name, value in entries.items():
+            assert torch.equal(now[key][name], value), name
+
+
+@pytest.mark.parametrize("kind", ["float", "int", "int64-tensor", "float64-tensor"])
+@pytest.mark.parametrize("method", list(CLASSES))
+def test_loaded_step_of_any_type_continues_like_the_oracle(method, kind):
+    """A state_dict whose step is a number or a non-float32 tensor (old checkpoints, hand
+    edits) loads like torch's Adam: a float32 0-dim tensor, and the next steps are the
+    oracle's continuing from that step."""
+    rng = np.random.default_rng(11)
+    rule = CLASSES[method].rule
+    p = torch.nn.Parameter(torch.tensor(rng.standard_normal(6)))
+    oracle = NumpyFamily(rule, p.detach().numpy(), 0.02, 0.8)
+    opt = CLASSES[method]([p], lr=0.02, beta=0.8)
+    grads = [rng.standard_normal(6) + 0.5 for _ in range(6)]
+    for g in grads[:3]:
+        p.grad = torch.tensor(g)
+        oracle.step(g)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    convert = {"float": float, "int": int, "int64-tensor": lambda s: s.to(torch.int64),
+               "float64-tensor": lambda s: s.to(torch.float64)}[kind]
+    saved["state"][0]["step"] = convert(saved["state"][0]["step"])
+    opt2 = CLASSES[method]([p], lr=0.02, beta=0.8)
+    opt2.load_state_dict(saved)
+    step = opt2.state[p]["step"]
+    assert isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.dim() == 0 and float(step) == 3
+    for g in grads[3:]:
+        p.grad = torch.tensor(g)
+        oracle.step(g)
+        opt2.step()
+    assert float(opt2.state[p]["step"]) == 6
+    np.testing.assert_allclose(p.detach().numpy(), oracle.theta, rtol=1e-12, atol=1e-14)
+
+
+def _complex_setup(method, path, dtype=torch.complex128):
+    rng = np.random.default_rng(21)
+    shapes = [(5,), (3, 4)]
+    params = [
+        torch.nn.Parameter(torch.complex(torch.tensor(rng.standard_normal(s)), torch.tensor(rng.standard_normal(s))).to(dtype))
+        for s in shapes
+    ]
+    opt = CLASSES[method](params, lr=0.02, beta=0.8, **PATHS[path][0])
+    return rng, params, opt
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("method", list(CLASSES))
+def test_complex_parameters_step_their_real_view_like_the_oracle(method, path):
+    """Complex parameters are (real, imaginary) pairs on every path: θ, m~, v~ (per real
+    coordinate squares) and γ equal the oracle run on torch.view_as_real; the buffers are
+    complex-shaped like the parameter (torch's zeros_like(p))."""
+    rng, params, opt = _complex_setup(method, path)
+    rule = CLASSES[method].rule
+    oracles = [NumpyFamily(rule, torch.view_as_real(p.detach()).numpy(), 0.02, 0.8) for p in params]
+    for _ in range(30):
+        for p, o in zip(params, oracles):
+            g = rng.standard_normal(tuple(p.shape) + (2,)) + 0.3
+            g[..., 1] *= 10.0  # real and imaginary parts at different scales
+            p.grad = torch.view_as_complex(torch.tensor(g))
+            o.step(g)
+        opt.step()
+    for p, o in zip(params, oracles):
+        state = opt.state[p]
+        np.testing.assert_allclose(torch.view_as_real(p.detach()).numpy(), o.theta, rtol=1e-10, atol=1e-12)
+        for key, want in (("exp_avg", o.m_tilde), ("exp_avg_sq", o.v_tilde)):
+            if key in state:
+                assert state[key].dtype == p.dtype and state[key].shape == p.shape
+                np.testing.assert_allclose(torch.view_as_real(state[key]).numpy(), want, rtol=1e-10, atol=1e-14)
+    if method in VA_METHODS:
+        for gamma, o in zip(opt.variance_adaptation_factors(), oracles):
+            assert gamma.shape == o.gamma.shape and gamma.dtype == torch.float64
+            np.testing.assert_allclose(gamma.numpy(), o.gamma, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["m-sgd", "m-ssd"])
+def test_tracked_gamma_of_complex_parameters_is_that_of_the_real_view(method):
+    """The γ monitor's tracker (M-SGD, M-SSD) squares per real coordinate too: its γ equals
+    M-SVAG's on the same gradients."""
+    from lightning_msvag.factors import MomentTracker, dissected_factors
+
+    rng, params, opt = _complex_setup(method, "single")
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    msvag = lm.MSVAG(twins, lr=0.0, beta=0.8)
+    tracker = MomentTracker()
+    for _ in range(10):
+        for p, q in zip(params, twins):
+            p.grad = torch.complex(torch.randn(p.shape, dtype=torch.float64), 5 * torch.randn(p.shape, dtype=torch.float64))
+            q.grad = p.grad.clone()
+        tracker.update(opt)
+        opt.step()
+        msvag.step()
+    # M-SGD's and M-SVAG's m~ are the same moving average of the same gradients
+    for factor, gamma in zip(dissected_factors(opt, tracker), msvag.variance_adaptation_factors()):
+        assert factor.gamma.shape == gamma.shape == factor.param.shape + (2,)
+        torch.testing.assert_close(factor.gamma, gamma, rtol=1e-10, atol=1e-12)
+
+
+def test_adam_factor_of_complex_parameters_is_that_of_the_real_view():
+    from lightning_msvag.factors import adam_factors
+
+    p = torch.nn.Parameter(torch.complex(torch.ones(3), torch.zeros(3)))
+    adam = torch.optim.Adam([p], lr=0.1)
+    p.grad = torch.complex(torch.ones(3), -2 * torch.ones(3))
+    adam.step()
+    (factor,) = adam_factors(adam)
+    # one step: m = g, v = g² per real coordinate, so |m|/√v = 1 everywhere (0 where g = 0)
+    assert factor.gamma.shape == (3, 2) and torch.equal(factor.gamma, torch.ones(3, 2))
+
+
+def _refusals():
+    """(name, how to break a valid second group, exception, message) for the refused-step test."""
+    def fused_meta(opt, b):
+        opt.param_groups[1]["fused"] = True  # b lives on meta (see the test)
+        b.grad = torch.zeros(3, device="meta")
+
+    def sparse(opt, b):
+        b.grad = torch.ones(3).to_sparse()
+
+    def lr_shape(opt, b):
+        opt.param_groups[1]["lr"] = torch.tensor([0.1, 0.2])
+
+    def lr_negative(opt, b):
+        opt.param_groups[1]["lr"] = -1.0
+
+    def lr_tensor_negative(opt, b):
+        opt.param_groups[1]["lr"] = torch.tensor(-1.0)
+
+    def fused_and_foreach(opt, b):
+        opt.param_groups[1]["fused"] = True
+        opt.param_groups[1]["foreach"] = True
+
+    def beta_out_of_range(opt, b):
+        opt.param_groups[1]["beta"] = 1.5
+
+    return [
+        ("fused-meta", fused_meta, RuntimeError, "`fused=True` requires all the params"),
+        ("sparse", sparse, RuntimeError, "does not support sparse gradients"),
+        ("lr-shape", lr_shape, ValueError, "Tensor lr must be 1-element"),
+        ("lr-negative", lr_negative, ValueError, "invalid learning rate"),
+        ("lr-tensor-negative", lr_tensor_negative, ValueError, "invalid learning rate"),
+        ("fused-and-foreach", fused_and_foreach, RuntimeError, "`fused` and `foreach` cannot be `True` together"),
+        ("beta", beta_out_of_range, ValueError, "invalid beta"),
+    ]
+
+
+@pytest.mark.parametrize("refusal", _refusals(), ids=[r[0] for r in _refusals()])
+@pytest.mark.parametrize("method", list(CLASSES))
+def test_refused_step_leaves_the_optimizer_unchanged(method, refusal):
+    """A step that raises is a no-op: the first group (valid) is not stepped either, no
+    state is created, no counter advances (validated before any state changes)."""
+    _, breaks, error, message = refusal
+    a, c = (torch.nn.Parameter(torch.ones(3)) for _ in range(2))
+    b = torch.nn.Parameter(torch.ones(3, device="meta" if refusal[0] == "fused-meta" else "cpu"))
+    opt = CLASSES[method]([dict(params=[a, c]), dict(params=[b])], lr=0.1)
+    a.grad = torch.ones(3)
+    opt.step()  # a has state at step 1; b and c none
+    c.grad = torch.ones(3)  # would get fresh state in the first group
+    b.grad = torch.ones(3, device=b.device)
+    breaks(opt, b)
+    params = [a, c] + ([] if b.is_meta else [b])
+    snapshot = _snapshot(opt, params)
+    with pytest.raises(error, match=message):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)
+    assert b not in opt.state and c not in opt.state and int(opt.state[a]["step"]) == 1
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("method", list(CLASSES))
+def test_tensor_lr_gives_the_numbers_of_the_float(method, path):
+    """A 0-dim tensor lr (constructor, param group, a scheduler writing tensors) on every
+    path: the very numbers of the float lr."""
+    rng = np.random.default_rng(4)
+    shapes = [(7,), (4, 5)]
+    base = [torch.tensor(rng.standard_normal(s)) for s in shapes]
+    runs = []
+    for lr in (0.05, torch.tensor(0.05, dtype=torch.float64)):
+        params = [torch.nn.Parameter(t.clone()) for t in base]
+        opt = CLASSES[method](params[:1], lr=lr, **PATHS[path][0])
+        opt.add_param_group(dict(params=params[1:], lr=lr / 2 if isinstance(lr, float) else lr.clone() / 2))
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+        for grads in _gradient_stream(np.random.default_rng(9), shapes, 10):
+            for p, g in zip(params, grads):
+                p.grad = torch.tensor(g)
+            opt.step()
+            scheduler.step()
+        assert all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups) == isinstance(lr, torch.Tensor)
+        runs.append([p.detach() for p in params])
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("method", list(CLASSES))
+def test_tensor_lr_other_than_one_element_is_refused_with_torchs_wording(method):
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    for lr in (torch.tensor([0.1, 0.2]), torch.tensor([])):
+        with pytest.raises(ValueError, match=r"^Tensor lr must be 1-element$"):
+            CLASSES[method](p, lr=lr)
+    opt = CLASSES[method](p, lr=torch.tensor(0.1))
+    with pytest.raises(ValueError, match=r"^Tensor lr must be 1-element$"):
+        opt.add_param_group(dict(params=[torch.nn.Parameter(torch.zeros(1))], lr=torch.ones(2, 2)))
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("path", ["single", "multi", "single-tiled", "fused"])
+@pytest.mark.parametrize("method", list(CLASSES))
+def test_grad_scale_divides_the_gradient_on_every_path(method, path):
+    """dissected_adam(grad_scale=S) on scaled gradients is the oracle's step on g (the
+    scale folds into the math's gradient multiplier); found_inf ≠ 0 writes nothing."""
+    rng = np.random.default_rng(8)
+    kwargs, tile, _, _ = PATHS[path]
+    rule = CLASSES[method].rule
+    shapes = [(6,), (3, 3)]
+    params = [torch.tensor(rng.standard_normal(s)) for s in shapes]
+    m = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    v = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    oracles = [NumpyFamily(rule, p.numpy(), 0.03, 0.9) for p in params]
+    scale = torch.tensor(1024.0)
+    for k, grads in enumerate(_gradient_stream(rng, shapes, 20), start=1):
+        scaled = [torch.tensor(g) * 1024.0 for g in grads]
+        args = dict(rule=rule, lr=0.03, beta=0.9, maximize=True, foreach=kwargs.get("foreach", False),
+                    fused=kwargs.get("fused", False), tile_numel=tile, grad_scale=scale)
+        before = [t.clone() for t in params + m + v]
+        F.dissected_adam(params, [g * np.inf for g in scaled], m, v, [k] * 2, found_inf=torch.tensor(1.0), **args)
+        assert all(torch.equal(x, y) for x, y in zip(before, params + m + v))
+        F.dissected_adam(params, scaled, m, v, [k] * 2, found_inf=torch.tensor(0.0), **args)
+        for o, g in zip(oracles, grads):
+            o.step(g, maximize=True)
+    for p, o in zip(params, oracles):
+        np.testing.assert_allclose(p.numpy(), o.theta, rtol=1e-12, atol=1e-13)
+
+
+def _amp_run(method, fused, scaler, steps=6, poison_at=None):
+    """A small model trained with or without a GradScaler; returns (model, optimizer, scaled grads seen)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = CLASSES[method](model.parameters(), lr=0.01, fused=fused)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        x = torch.randn(16, 4, generator=gen)
+        opt.zero_grad()
+        loss = (model(x) ** 2).mean()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if i == poison_at:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("fused", [True, None], ids=["fused=True", "default"])
+@pytest.mark.parametrize("method", list(CLASSES))
+def test_grad_scaler_run_equals_the_unscaled_run(method, fused):
+    """A real torch.amp.GradScaler: with fused=True the optimizer takes grad_scale from the
+    scaler (torch's fused protocol) and the gradients stay scaled (the step unscales inside
+    the update); with the default the scaler unscales them itself. Both give the numbers of
+    a run without a scaler (the scale is a power of 2: unscaling is exact)."""
+    reference, _ = _amp_run(method, fused, None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    model, opt = _amp_run(method, fused, scaler)
+    assert getattr(opt, "_step_supports_amp_scaling", False) == bool(fused)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")  # the scaler cleaned up
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+    # the last step's gradients: still scaled with fused=True, unscaled by the scaler otherwise
+    expected = scaler.get_scale() if fused else 1.0
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad * expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fused", [True, None], ids=["fused=True", "default"])
+@pytest.mark.parametrize("method", list(CLASSES))
+def test_grad_scaler_inf_skips_the_step_and_backs_off(method, fused):
+    """An inf gradient under a real GradScaler: that step changes nothing (parameters,
+    state, counters) and the scale is halved."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
+    model, opt = _amp_run(method, fused, scaler, steps=3)
+    params = list(model.parameters())
+    snapshot = _snapshot(opt, params)
+    gen = torch.Generator().manual_seed(5)
+    opt.zero_grad()
+    scaler.scale((model(torch.randn(16, 4, generator=gen)) ** 2).mean()).backward()
+    params[0].grad[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    _assert_unchanged(opt, params, snapshot)
+    assert all(int(s["step"]) == 3 for s in opt.state.values())
+    assert scaler.get_scale() == 2.0**11
+
+
+@pytest.mark.parametrize("method", list(CLASSES))
+def test_step_counters_that_differ_are_read_per_tensor(method):
+    """Counters are read once per group while they agree; a parameter that skips steps (no
+    gradient) or a loaded state with other counters makes them differ: each tensor then
+    takes its own k, as the oracle."""
+    rng = np.random.default_rng(13)
+    rule = CLASSES[method].rule
+    # b, in the middle, is the one that differs (the agreeing check must not read only the ends)
+    a, b, c = (torch.nn.Parameter(torch.tensor(rng.standard_normal(4))) for _ in range(3))
+    oracles = {p: NumpyFamily(rule, p.detach().numpy(), 0.05, 0.7) for p in (a, b, c)}
+    opt = CLASSES[method]([a, b, c], lr=0.05, beta=0.7)
+
+    def step(*stepped):
+        for p in (a, b, c):
+            p.grad = None
+        for p in stepped:
+            g = rng.standard_normal(4) + 0.5
+            p.grad = torch.tensor(g)
+            oracles[p].step(g)
+        opt.step()
+
+    for stepped in [(a, b, c)] * 3 + [(a, c)] * 2 + [(a, b, c)] * 3:
+        step(*stepped)
+    assert [int(opt.state[p]["step"]) for p in (a, b, c)] == [8, 6, 8]
+    saved = opt.state_dict()
+    saved["state"][1]["step"] = torch.tensor(20.0)  # b continues at k = 21
+    oracles[b].k = 20
+    opt.load_state_dict(saved)
+    for _ in range(3):
+        step(a, b, c)
+    assert [int(opt.state[p]["step"]) for p in (a, b, c)] == [11, 23, 11]
+    for p, o in oracles.items():
+        np.testing.assert_allclose(p.detach().numpy(), o.theta, rtol=1e-12, atol=1e-14)
