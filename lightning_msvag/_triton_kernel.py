@@ -19,7 +19,9 @@ v~ and its step counter and its numel, then per chunk its tensor index and start
 table holds the gradients' addresses (cached separately: with ``zero_grad(set_to_none=True)``
 gradients may move between steps while everything else stays). Each program reads its
 tensor's step, computes the scalars in float64, and runs ``ITERS`` blocks of ``BLOCK``
-elements (an unmasked loop for full chunks, a masked one for a tensor's last chunk): every
+elements (an unmasked loop for full chunks; in a tensor's last chunk a mask whose bound is a
+multiple of the 16-byte vector width, then the last ``numel % VEC`` elements, so that the
+tails of small tensors vectorise too; ``benchmarks/triton_compile_check.py`` shows it): every
 element of g, θ, m~, v~ is read once and θ, m~, v~ written once, the arithmetic in
 registers (float32 for 16-bit dtypes, rounded to nearest even once at the store).
 
