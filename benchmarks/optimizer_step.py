@@ -12,15 +12,26 @@ same tensors, "best SGD-m" the fastest of torch SGD-momentum default / foreach.
     python benchmarks/optimizer_step.py [--rounds 7] [--sets wrn,100x89723,2000x1000,4x2.5m,100m]
                                         [--threads N] [--no-first-step] [--device cuda]
 
-``--device cuda`` times the same table on a GPU (synchronised around each step; on CUDA
-the default path of the family is multi-tensor, "transient" is the peak of
-torch.cuda.max_memory_allocated above the memory allocated before the step).
+``--device cuda`` times the same table on a GPU (synchronised around each step;
+"transient" is the peak of torch.cuda.max_memory_allocated above the memory allocated
+before the step), with three more kinds of variant: torch's fused SGD-momentum (part of
+"best SGD-m" there), and the fused Triton kernel of the family ("triton", see
+lightning_msvag/_triton_kernel.py): through the optimizers with ``fused=True`` where their
+dispatch routes CUDA tensors to it, else called directly with the same state (a
+``DirectTriton`` stepper: the kernel plus its launch tables, without the optimizer's own
+per-step Python work). On the 100M set it also reports the achieved bandwidth of the
+Triton step (bytes the update must move / time) against a device-to-device copy of the
+parameters measured in the same rounds.
+
+Each layout's row is printed (flushed) as soon as it is measured.
 
 Columns of the summary table (one row per layout):
   M-SVAG, SVAG / best Adam; M-SSD, M-SGD / best SGD-m: the default path of each;
   M-SVAG / its foreach: M-SVAG default / M-SVAG foreach=True;
   default / other (worst): max over the four optimizers and their other paths of
     default time / that path's time (> 1 would be a cliff of the default path);
+  triton M-SVAG, SVAG / best Adam; M-SSD, M-SGD / best SGD-m (CUDA): the fused Triton
+    kernel of each; triton transient: its largest extra device memory;
   transient: the largest extra resident memory during one default step of the four
     optimizers, as a fraction of the parameters' size (Linux: VmHWM reset through
     /proc/self/clear_refs); 0.00 means no parameter-sized temporary.
@@ -72,12 +83,71 @@ LAYOUTS = {
     "2000x1000": ("2,000 × 1,000 (2M)", lambda: [(1_000,)] * 2_000),
     "4x2.5m": ("4 × 2.5M (10M)", lambda: [(2_500_000,)] * 4),
     "100m": ("100M set (52 tensors)", large_shapes),
+    "tiny": ("tiny (3 × 1,000; smoke runs)", lambda: [(1_000,)] * 3),
 }
 
 OURS = {"M-SVAG": lm.MSVAG, "SVAG": lm.SVAG, "M-SSD": lm.MSSD, "M-SGD": lm.MSGD}
 
+#: bytes the update must move per element, in units of the element size (Adam's traffic)
+TRAFFIC = {"M-SVAG": 7, "SVAG": 7, "M-SSD": 5, "M-SGD": 5}  # read g, θ, m~(, v~); write θ, m~(, v~)
 
-def variants():
+
+class DirectTriton:
+    """The fused Triton kernel called directly, with the state the optimizers keep (m~, v~ of
+    the parameter's dtype, a 0-dim float32 step counter per tensor on the device)."""
+
+    def __init__(self, params, rule, lr=1e-3, beta=0.9):
+        from lightning_msvag import _triton_kernel
+
+        self.kernel = _triton_kernel
+        self.params = list(params)
+        self.rule, self.lr, self.beta = rule, lr, beta
+        self.exp_avgs = [torch.zeros_like(p) for p in self.params] if rule.needs_first_moment else None
+        self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params] if rule.needs_second_moment else None
+        self.steps = [torch.zeros((), device=p.device) for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        grads = [p.grad for p in self.params]
+        torch._foreach_add_(self.steps, 1)
+        self.kernel.fused_update(self.rule, self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.steps,
+                                 lr=self.lr, beta=self.beta, maximize=False)
+
+
+def _optimizer_dispatch_has_triton() -> bool:
+    """Whether ``cls(..., fused=True)`` on CUDA tensors runs (the optimizers route it to Triton)."""
+    p = torch.nn.Parameter(torch.zeros(8, device="cuda"))
+    p.grad = torch.ones(8, device="cuda")
+    try:
+        lm.MSVAG([p], lr=0.1, fused=True).step()
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+def triton_factory(cls, device: str = "cuda"):
+    """``make(params)`` for the fused Triton path of ``cls`` (see the module docstring).
+    On CPU (``TRITON_INTERPRET=1`` smoke runs) always :class:`DirectTriton`."""
+    global _WIRED
+    if device != "cuda":
+        return lambda p: DirectTriton(p, cls.rule, lr=1e-3)
+    if _WIRED is None:
+        _WIRED = _optimizer_dispatch_has_triton()
+        how = "the optimizers (fused=True)" if _WIRED else "DirectTriton (the optimizers do not route CUDA to it yet)"
+        print(f"triton path: through {how}", flush=True)
+    if _WIRED:
+        return lambda p: cls(p, lr=1e-3, fused=True)
+    return lambda p: DirectTriton(p, cls.rule, lr=1e-3)
+
+
+_WIRED = None
+
+
+def variants(device: str = "cpu", triton: bool = False):
     adam, sgd = torch.optim.Adam, torch.optim.SGD
     out = {
         "torch Adam (default)": lambda p: adam(p, lr=1e-3),
@@ -86,11 +156,26 @@ def variants():
         "torch SGD-m (default)": lambda p: sgd(p, lr=1e-3, momentum=0.9),
         "torch SGD-m (foreach)": lambda p: sgd(p, lr=1e-3, momentum=0.9, foreach=True),
     }
+    if device == "cuda":
+        out["torch SGD-m (fused)"] = lambda p: sgd(p, lr=1e-3, momentum=0.9, fused=True)
     for name, cls in OURS.items():
         out[f"{name} (default)"] = lambda p, cls=cls: cls(p, lr=1e-3)
         out[f"{name} (single)"] = lambda p, cls=cls: cls(p, lr=1e-3, foreach=False, fused=False)
         out[f"{name} (foreach)"] = lambda p, cls=cls: cls(p, lr=1e-3, foreach=True)
+        if triton:
+            out[f"{name} (triton)"] = triton_factory(cls, device)
     return out
+
+
+class _Copy:
+    """A device-to-device copy of the parameters (the bandwidth yardstick), as a "step"."""
+
+    def __init__(self, params):
+        self.src = [p.detach() for p in params]
+        self.dst = [torch.empty_like(p) for p in self.src]
+
+    def step(self):
+        torch._foreach_copy_(self.dst, self.src)
 
 
 def _rss_kib(field: str) -> int:
@@ -110,7 +195,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def bench(shapes, rounds: int, share: bool, device: str = "cpu"):
+def bench(shapes, rounds: int, share: bool, device: str = "cpu", copy: bool = False, triton: bool = False):
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(s, generator=gen).to(device) for s in shapes]
     grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
@@ -125,11 +210,13 @@ def bench(shapes, rounds: int, share: bool, device: str = "cpu"):
         return params
 
     optimizers = {}
-    for name, make in variants().items():
+    for name, make in variants(device, triton).items():
         opt = make(fresh_params())
         opt.step()  # create state (and load/build any kernel) outside the timed region
         opt.step()
         optimizers[name] = opt
+    if copy:
+        optimizers["D2D copy"] = _Copy(base)
     times = {name: [] for name in optimizers}
     transient = {}
     for _ in range(rounds):
@@ -156,7 +243,8 @@ def bench(shapes, rounds: int, share: bool, device: str = "cpu"):
 
 def summary_row(medians, transient):
     best_adam = min(medians[f"torch Adam ({k})"] for k in ("default", "foreach", "fused"))
-    best_sgd = min(medians[f"torch SGD-m ({k})"] for k in ("default", "foreach"))
+    best_sgd = min(medians[k] for k in ("torch SGD-m (default)", "torch SGD-m (foreach)", "torch SGD-m (fused)")
+                   if k in medians)
     worst_name, worst = None, 0.0
     for name in OURS:
         for other in ("single", "foreach"):
@@ -172,6 +260,11 @@ def summary_row(medians, transient):
         worst=worst,
         worst_name=worst_name,
         transient=max(transient.get(f"{name} (default)", float("nan")) for name in OURS),
+        triton={
+            name: medians[f"{name} (triton)"] / (best_adam if name in ("M-SVAG", "SVAG") else best_sgd)
+            for name in OURS if f"{name} (triton)" in medians
+        },
+        triton_transient=max((transient.get(f"{name} (triton)", float("nan")) for name in OURS), default=float("nan")),
     )
 
 
@@ -213,32 +306,61 @@ def main() -> None:
     parser.add_argument("--no-first-step", action="store_true", help="skip the fresh-process measurement")
     parser.add_argument("--details", action="store_true", help="also print ms/step of every variant")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--triton", action="store_true",
+                        help="the fused Triton columns (always on CUDA; on CPU only under TRITON_INTERPRET=1, "
+                        "a smoke run: use --sets tiny)")
+    parser.add_argument("--bandwidth-set", default="100m", help="the layout whose bandwidth is reported (triton)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, float32, {args.rounds} rounds (medians)")
-    rows = {}
-    for key in args.sets.split(","):
-        title, shapes = LAYOUTS[key]
-        shapes = shapes()
-        medians, transient = bench(shapes, args.rounds, share=key == "100m", device=args.device)
-        rows[title] = summary_row(medians, transient)
-        if args.details:
-            print(f"\n{title}")
-            for name, t in medians.items():
-                print(f"  {name:28s} {t * 1e3:9.2f} ms   transient {transient.get(name, float('nan')):.2f}")
-        gc.collect()
+    print(f"torch {torch.__version__}, {where}, float32, {args.rounds} rounds (medians)", flush=True)
+    cuda = args.device == "cuda"
+    triton = cuda or args.triton
     header = (f"| {'layout':40s} | M-SVAG / best Adam | SVAG / best Adam | M-SSD / best SGD-m | M-SGD / best SGD-m "
               f"| M-SVAG / its foreach | default / other (worst) | transient |")
-    print()
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    for title, r in rows.items():
-        print(
+    if triton:
+        header += " triton M-SVAG | triton SVAG | triton M-SSD | triton M-SGD | triton transient |"
+    rule_line = "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"
+    print("\n" + header + "\n" + rule_line, flush=True)
+    bandwidth = []
+    default_sets = args.sets == ",".join(LAYOUTS)
+    for key in (k for k in args.sets.split(",") if not (default_sets and k == "tiny")):
+        title, shapes = LAYOUTS[key]
+        shapes = shapes()
+        big = key == args.bandwidth_set and triton
+        medians, transient = bench(shapes, args.rounds, share=key == "100m", device=args.device, copy=big,
+                                   triton=triton)
+        r = summary_row(medians, transient)
+        line = (
             f"| {title:40s} | {r['msvag']:18.2f} | {r['svag']:16.2f} | {r['mssd']:18.2f} | {r['msgd']:18.2f} "
             f"| {r['own_foreach']:20.2f} | {r['worst']:10.2f} ({r['worst_name']:>12s}) | {r['transient']:9.2f} |"
         )
+        if triton:
+            t = r["triton"]
+            line += (f" {t.get('M-SVAG', float('nan')):13.2f} | {t.get('SVAG', float('nan')):11.2f} "
+                     f"| {t.get('M-SSD', float('nan')):12.2f} | {t.get('M-SGD', float('nan')):12.2f} "
+                     f"| {r['triton_transient']:16.2f} |")
+        print(line, flush=True)
+        if args.details:
+            for name, seconds in medians.items():
+                print(f"    {name:28s} {seconds * 1e3:9.3f} ms   transient {transient.get(name, float('nan')):.2f}", flush=True)
+        if big:
+            numel = sum(torch.Size(s).numel() for s in shapes)
+            copy_rate = 2 * 4 * numel / medians["D2D copy"]  # read + write, float32
+            bandwidth.append(f"{title}: device-to-device copy {copy_rate / 1e9:7.0f} GB/s "
+                             f"({medians['D2D copy'] * 1e3:.3f} ms)")
+            for name in OURS:
+                seconds = medians[f"{name} (triton)"]
+                rate = TRAFFIC[name] * 4 * numel / seconds
+                adam = medians["torch Adam (fused)"]
+                bandwidth.append(f"{title}: triton {name:6s} {rate / 1e9:7.0f} GB/s = {rate / copy_rate:5.2f} × copy "
+                                 f"({seconds * 1e3:.3f} ms; torch fused Adam {adam * 1e3:.3f} ms)")
+            print("\n".join(bandwidth), flush=True)
+        del medians, transient
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
     if not args.no_first_step and args.device == "cpu":
         costs = first_step_costs()
         print(

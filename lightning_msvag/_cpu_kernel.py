@@ -42,6 +42,7 @@ from typing import List, Optional
 
 import torch
 
+from ._cache import cache_dir
 from .rule import RULES, Coefficients, UpdateRule, _update_math
 
 try:
@@ -265,14 +266,6 @@ def _flags() -> tuple:
     if capability in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
     return tuple(flags + ["-L" + lib, "-lc10", "-ltorch_cpu", "-Wl,-rpath," + lib])
-
-
-def cache_dir() -> str:
-    explicit = os.environ.get("LIGHTNING_MSVAG_CACHE")
-    if explicit:
-        return explicit
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "lightning_msvag")
 
 
 def _library_path() -> str:

@@ -48,12 +48,13 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from . import _cpu_kernel
+from . import _cpu_kernel, _triton_kernel
 from .rule import (
     RHO_CAP,
     RULES,
@@ -281,10 +282,67 @@ _DTYPE = operator.attrgetter("dtype")
 _IS_CPU = operator.attrgetter("is_cpu")
 
 
-def fused_path_available() -> bool:
-    """Whether the fused CPU kernel can run here: a C++ compiler exists (or the kernel is
-    already built and cached) and no build failed in this process. Starts no build."""
-    return _cpu_kernel.available()
+def fused_path_available(device_type: str = "cpu") -> bool:
+    """Whether the fused kernel for ``device_type`` can run here. CPU: a C++ compiler exists
+    (or the kernel is already built and cached) and no build failed in this process. CUDA:
+    Triton imports and no build or launch failed in this process. Starts no build."""
+    if device_type == "cpu":
+        return _cpu_kernel.available()
+    return device_type == "cuda" and _triton_kernel.available()
+
+
+def _device_kernel_for(params: Sequence[Tensor]) -> bool:
+    """A fused group goes to the device (Triton) kernel: none of its tensors is on the CPU
+    (a group that mixes devices steps its CPU tensors in the C++ kernel, the rest multi-tensor)."""
+    return not any(map(_IS_CPU, params))
+
+
+_warned_no_device_kernel = False
+
+
+def _warn_no_device_kernel() -> None:
+    global _warned_no_device_kernel
+    if not _warned_no_device_kernel:
+        _warned_no_device_kernel = True
+        warnings.warn(
+            "lightning-msvag: the fused CUDA kernel (Triton) is not available here "
+            f"({_triton_kernel.unavailable_reason()}); using the multi-tensor path",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _fused_device_update(
+    params, grads, exp_avgs, exp_avg_sqs, step_tensors, *, rule, lr, beta, maximize, grad_scale=None, found_inf=None
+) -> bool:
+    """CUDA tensors through the generated Triton kernel, one launch per (device, dtype).
+
+    ``step_tensors`` are the (already advanced) 0-dim float32 counters on the parameters'
+    device; ``lr``, ``grad_scale`` and ``found_inf`` may be device tensors: nothing is read
+    back to the host (docs/algorithm.md §3). Returns ``False`` (after one warning per
+    process) where the kernel cannot run, so the caller takes the multi-tensor path.
+    """
+    if not _triton_kernel.available():
+        _warn_no_device_kernel()
+        return False
+    buckets: dict = {}
+    for i, p in enumerate(params):
+        buckets.setdefault((p.device, p.dtype), []).append(i)
+    done = 0
+    for indices in buckets.values():
+        try:
+            _triton_kernel.fused_update(
+                rule,
+                *([lst[i] for i in indices] for lst in (params, grads, exp_avgs, exp_avg_sqs, step_tensors)),
+                lr=lr, beta=beta, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+            )
+        except RuntimeError:
+            if done:  # part of the step is written: redoing it on another path would step twice
+                raise
+            _warn_no_device_kernel()
+            return False
+        done += 1
+    return True
 
 
 def _fused_cpu_update(
@@ -387,8 +445,9 @@ def dissected_adam(
 
 def fused_devices() -> Tuple[str, ...]:
     """Device types the fused path has a kernel for: the one place that says so (a device
-    joins here when its kernel does)."""
-    return ("cpu",)
+    joins here when its kernel does). CUDA: the Triton kernel (where Triton is missing, one
+    warning and the multi-tensor path)."""
+    return ("cpu", "cuda")
 
 
 #: dtypes the fused kernel steps: its own, and the complex ones whose real view is one of them
@@ -399,7 +458,7 @@ _IS_SPARSE = operator.attrgetter("is_sparse")
 def _fused_unsupported(params: Sequence[Tensor]) -> Optional[Tensor]:
     """The first tensor the fused path cannot step (device or dtype), or ``None``."""
     devices = fused_devices()
-    if devices == ("cpu",) and all(map(_IS_CPU, params)) and set(map(_DTYPE, params)) <= _FUSED_DTYPES:
+    if all(map(_IS_CPU, params)) and set(map(_DTYPE, params)) <= _FUSED_DTYPES:
         return None  # the common case, at C speed
     for p in params:
         if p.device.type not in devices or p.dtype not in _FUSED_DTYPES:
@@ -469,6 +528,15 @@ def _run_step(
     if not params:
         return
     params, grads, exp_avgs, exp_avg_sqs = _real_views(params, grads, exp_avgs, exp_avg_sqs)
+    if fused and _device_kernel_for(params):
+        # the functional API counts steps in ints: the device kernel reads them from the device
+        device_steps = [torch.tensor(float(k), dtype=torch.float32, device=p.device) for k, p in zip(steps, params)]
+        if _fused_device_update(
+            params, grads, exp_avgs, exp_avg_sqs, device_steps, rule=rule, lr=lr, beta=beta, maximize=maximize,
+            grad_scale=grad_scale,
+        ):
+            return
+        fused, foreach = False, True  # warned once
     if fused:
         update = _fused_cpu_update
     else:

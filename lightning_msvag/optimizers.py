@@ -51,13 +51,17 @@ def _default_paths(params: List[Tensor], foreach: Optional[bool], fused: Optiona
 
     CPU, every rule: fused, the generated C++ multi-tensor kernel (one pass over memory,
     one call per group), unless it cannot be built here (no C++ compiler: one warning,
-    then multi-tensor). Other devices (CUDA): multi-tensor (one kernel launch per list
-    instead of per tensor). An explicit ``foreach`` keeps ``fused=None`` off. Measured in
+    then multi-tensor). CUDA: fused, the generated Triton multi-tensor kernel (one launch
+    per group and dtype), unless Triton is missing (one warning, then multi-tensor).
+    Other devices: multi-tensor. An explicit ``foreach`` keeps ``fused=None`` off. Measured in
     benchmarks/optimizer_step.py. (``fused=True`` with tensors the fused kernel cannot
     step raises ``RuntimeError`` in the step, as torch's fused optimizers do.)
     """
-    if fused is None:
-        fused = foreach is None and F._fused_unsupported(params) is None and fused_path_available()
+    if fused is None and foreach is None:
+        device_types = {p.device.type for p in params}
+        fused = F._fused_unsupported(params) is None and all(map(fused_path_available, device_types))
+        if not fused and "cuda" in device_types and not fused_path_available("cuda"):
+            F._warn_no_device_kernel()
     if foreach is None:
         foreach = not fused and not torch.jit.is_scripting()
     return bool(foreach), bool(fused)
@@ -197,6 +201,15 @@ class DissectedOptimizer(Optimizer):
             step_tensors.append(state["step"])
         return exp_avgs, exp_avg_sqs, step_tensors, created
 
+    def _device_steps(self, params: List[Tensor], step_tensors: List[Tensor]) -> List[Tensor]:
+        """The step counters of ``params`` on the parameters' devices (moved there once, as
+        torch's fused Adam keeps them): the device kernel reads each tensor's k itself."""
+        moved = list(step_tensors)
+        for i, (p, s) in enumerate(zip(params, step_tensors)):
+            if s.device != p.device:
+                moved[i] = self.state[p]["step"] = s.to(device=p.device, dtype=torch.float32)
+        return moved
+
     def _read_steps(self, index: int, step_tensors: List[Tensor], created: bool) -> List[int]:
         """The (already advanced) step counters of a group as ints.
 
@@ -260,12 +273,37 @@ class DissectedOptimizer(Optimizer):
         # set by GradScaler.step for optimizers with _step_supports_amp_scaling, deleted after
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and F._amp_found_inf(found_inf):
-            return loss
+        skip_read: List[bool] = []  # found_inf read on the host once, only where a host path needs it
+
+        def skipped() -> bool:
+            if not skip_read:
+                skip_read.append(found_inf is not None and F._amp_found_inf(found_inf))
+            return skip_read[0]
 
         for group, params, grads, foreach, fused in checked:
+            device_kernel = fused and F._device_kernel_for(params)
+            if not device_kernel and skipped():
+                continue  # before any state is created: a skipped step changes nothing
             exp_avgs, exp_avg_sqs, step_tensors, created = self._init_state(params)
-            torch._foreach_add_(step_tensors, 1.0)  # one call, not one per parameter
+            if device_kernel:
+                # the device kernel: counters on the device, found_inf and a tensor lr read there
+                # (no host synchronisation, docs/algorithm.md §3)
+                step_tensors = self._device_steps(params, step_tensors)
+                torch._foreach_add_(step_tensors, 1.0)
+                if F._fused_device_update(
+                    *F._real_views(params, grads, exp_avgs, exp_avg_sqs), step_tensors, rule=self.rule,
+                    lr=_on_device(group["lr"], params[0].device), beta=group["beta"], maximize=group["maximize"],
+                    grad_scale=grad_scale, found_inf=found_inf,
+                ):
+                    if found_inf is not None:
+                        torch._foreach_sub_(step_tensors, found_inf)  # a skipped step is not counted
+                    continue
+                foreach, fused, created = True, False, True  # warned once: the multi-tensor path
+                if skipped():
+                    torch._foreach_sub_(step_tensors, 1.0)
+                    continue
+            else:
+                torch._foreach_add_(step_tensors, 1.0)  # one call, not one per parameter
             F._run_step(
                 params,
                 grads,
@@ -374,6 +412,13 @@ def _step_tensor(step) -> Tensor:
             return step
         return step.detach().reshape(()).to(torch.float32)
     return torch.tensor(float(step), dtype=torch.float32)
+
+
+def _on_device(lr, device: torch.device):
+    """A tensor lr where the device kernel dereferences it (a float travels as an argument)."""
+    if isinstance(lr, Tensor) and lr.device != device:
+        return lr.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+    return lr
 
 
 def _check_hyperparameters(name: str, lr, beta) -> None:

@@ -37,7 +37,7 @@ the backends, then the paths (:mod:`lightning_msvag.functional`), then the optim
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Optional, Protocol
 
 __all__ = [
     "UpdateRule",
@@ -99,23 +99,46 @@ RULES = tuple(
 )
 
 
+class _FloatScalars:
+    """Scalar operations of the per-step coefficients on Python floats (the default).
+
+    :func:`variance_ratio`, :func:`_gamma_coefficients` and :func:`_coefficients` use
+    arithmetic operators, plus :meth:`minimum` and :meth:`where` where they need a
+    choice, so that the same definitions can also be traced symbolically: the fused
+    Triton kernel (:mod:`lightning_msvag._triton_kernel`) evaluates them per tensor on
+    the device from its step counter. On floats these are ``min`` and ``a if c else b``.
+    """
+
+    symbolic = False
+    minimum = staticmethod(min)
+
+    @staticmethod
+    def where(condition, a, b):
+        return a if condition else b
+
+
+_FLOATS = _FloatScalars()
+
+
 def bias_correction(beta: float, step: int) -> float:
     """1 − β^k, the bias correction of a zero-initialised moving average (docs/algorithm.md §1)."""
     return 1.0 - beta**step
 
 
-def variance_ratio(beta: float, step: int) -> float:
+def variance_ratio(beta: float, step: int, ops=_FLOATS) -> float:
     """ρ(β, k) = (1−β)(1+β^k) / ((1+β)(1−β^k)), capped at :data:`RHO_CAP` (docs/algorithm.md §1).
 
     For i.i.d. gradients of variance σ², var[m] = ρ σ² and E[v − m²] = (1−ρ) σ².
-    ``beta = 0`` gives ρ = 1 (capped) at every step.
+    ``beta = 0`` gives ρ = 1 (capped) at every step. ``ops``: see :class:`_FloatScalars`.
     """
-    if step < 1:
+    if not ops.symbolic and step < 1:
         raise ValueError(f"step counter is 1-based, got {step}")
     beta_k = beta**step
     denominator = (1.0 + beta) * (1.0 - beta_k)
-    rho = (1.0 - beta) * (1.0 + beta_k) / denominator if denominator > 0 else 1.0
-    return min(rho, RHO_CAP)
+    positive = denominator > 0
+    # the inner where keeps a symbolic (eagerly evaluated) division finite where the outer discards it
+    rho = ops.where(positive, (1.0 - beta) * (1.0 + beta_k) / ops.where(positive, denominator, 1.0), 1.0)
+    return ops.minimum(rho, RHO_CAP)
 
 
 class Coefficients(NamedTuple):
@@ -135,7 +158,7 @@ class Coefficients(NamedTuple):
     va: bool
 
 
-def _gamma_coefficients(rule: UpdateRule, beta: float, step: int):
+def _gamma_coefficients(rule: UpdateRule, beta: float, step: int, ops=_FLOATS):
     """Scalars that turn raw buffers into γ without materialising m, v or s.
 
     With bc = 1 − β^k, m = m~/bc and v = v~/bc. M-SVAG's γ = m²/(m² + ρ s) with
@@ -147,7 +170,7 @@ def _gamma_coefficients(rule: UpdateRule, beta: float, step: int):
     Returns (κ, upper = 1/λ): the paths compute γ' = m~²/(v~ + κ m~²) clipped to
     [0, upper], which is γ/λ clipped to γ ∈ [0, 1].
     """
-    rho = variance_ratio(beta, step)
+    rho = variance_ratio(beta, step, ops)
     bc = bias_correction(beta, step)
     r = rho / (1.0 - rho) if rule.direction == "momentum" else 1.0 / (1.0 - rho)
     kappa = (1.0 - r) / (r * bc)
@@ -155,10 +178,19 @@ def _gamma_coefficients(rule: UpdateRule, beta: float, step: int):
     return kappa, upper
 
 
-def _coefficients(rule: UpdateRule, lr: float, beta: float, step: int, maximize: bool) -> Coefficients:
-    """All scalars of step ``step`` (1-based), for every path."""
-    va = rule.variance_adaptation and step > 1  # at k = 1, γ = 1 exactly (docs/algorithm.md §1)
-    kappa, upper = _gamma_coefficients(rule, beta, step) if va else (0.0, 1.0)
+def _coefficients(
+    rule: UpdateRule, lr: float, beta: float, step: int, maximize: bool, ops=_FLOATS, va: Optional[bool] = None
+) -> Coefficients:
+    """All scalars of step ``step`` (1-based), for every path.
+
+    ``va=None`` decides from ``step``; a symbolic ``step`` (``ops``, see
+    :class:`_FloatScalars`) needs it given: the Triton kernel traces both branches and
+    selects per tensor on k > 1.
+    """
+    if va is None:
+        va = step > 1  # at k = 1, γ = 1 exactly (docs/algorithm.md §1)
+    va = rule.variance_adaptation and va
+    kappa, upper = _gamma_coefficients(rule, beta, step, ops) if va else (0.0, 1.0)
     if rule.sign:
         scale = lr  # θ ← θ − α sign(·): the sign needs no bias correction
     elif rule.direction == "momentum":

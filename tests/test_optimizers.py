@@ -46,6 +46,8 @@ PATHS = {
     "default": (dict(), None, None, "cpu"),
     "cuda-single": (dict(foreach=False), None, None, "cuda"),
     "cuda-multi": (dict(foreach=True), None, None, "cuda"),
+    "cuda-fused": (dict(fused=True), None, None, "cuda"),  # the generated Triton kernel
+    "cuda-default": (dict(), None, None, "cuda"),  # = cuda-fused where Triton runs
 }
 #: the plain reference path and the default path run in the quick suite; the others (which
 #: must agree with them) in the full one (pytest -m "not slow" is the edit-test loop)
@@ -565,14 +567,15 @@ def test_registry_names_and_errors():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", list(CLASSES))
-@pytest.mark.parametrize("foreach", [False, True])
-def test_cuda_matches_cpu(method, foreach):
+@pytest.mark.parametrize("path", [dict(foreach=False), dict(foreach=True), dict(fused=True)],
+                         ids=["single", "multi", "fused"])
+def test_cuda_matches_cpu(method, path):
     torch.manual_seed(0)
     shapes = [(300, 7), (5,), (CPU_TILE_NUMEL + 3,)]
     cpu = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
     gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
     opt_cpu = CLASSES[method](cpu, lr=0.01)
-    opt_gpu = CLASSES[method](gpu, lr=0.01, foreach=foreach)
+    opt_gpu = CLASSES[method](gpu, lr=0.01, **path)
     for _ in range(20):
         for p, q in zip(cpu, gpu):
             p.grad = torch.randn(p.shape, dtype=torch.float64) + 0.3
@@ -695,16 +698,16 @@ def test_concurrent_first_steps_build_the_kernel_once(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.so"))) == 1
 
 
-@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("method", list(CLASSES))
-def test_fused_true_with_non_cpu_tensors_raises(method, device):
-    """No silent fallback: there is no fused kernel for CUDA (or any non-CPU) tensors; the
-    error is torch's for its fused optimizers (RuntimeError, its wording), raised before any
-    state exists."""
-    p = torch.nn.Parameter(torch.zeros(4, device=device))
-    p.grad = torch.zeros(4, device=device)
+def test_fused_true_with_tensors_of_other_devices_raises(method):
+    """No silent fallback: the fused path has kernels for CPU (C++) and CUDA (Triton) tensors
+    only; others raise torch's error for its fused optimizers (RuntimeError, its wording),
+    before any state exists."""
+    p = torch.nn.Parameter(torch.zeros(4, device="meta"))
+    p.grad = torch.zeros(4, device="meta")
     opt = CLASSES[method]([p], lr=0.1, fused=True)
-    torch_wording = r"`fused=True` requires all the params to be floating point Tensors of supported devices: \['cpu'\]"
+    torch_wording = (r"`fused=True` requires all the params to be floating point Tensors of supported devices: "
+                     r"\['cpu', 'cuda'\] but torch.float32 and meta")
     with pytest.raises(RuntimeError, match=torch_wording):
         opt.step()
     assert len(opt.state) == 0
