@@ -15,7 +15,6 @@ whose message says what to place where.
 
 import gzip
 import hashlib
-import os
 import shutil
 import tarfile
 import urllib.request

@@ -27,7 +27,6 @@ loaders therefore carry a pass-through ``DistributedSampler`` so Lightning injec
 
 import hashlib
 import lzma
-import os
 import warnings
 import zipfile
 from pathlib import Path
