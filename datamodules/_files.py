@@ -15,16 +15,15 @@ whose message says what to place where.
 
 import gzip
 import hashlib
-import os
 import shutil
 import tarfile
-import tempfile
 import urllib.request
 import zlib
 from http.client import HTTPException
 from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Sequence
 
+from lightning_msvag._io import atomic_open
 from lightning_msvag.errors import UserError
 
 #: Seconds that one network read may block before a download gives up.
@@ -109,44 +108,30 @@ def download_file(
     exist yet (callers never download over a present file).
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
+    # through lightning_msvag._io: the file follows the umask, and a failed transfer leaves
+    # neither a temporary file nor the folders made for it (no empty tree after "no network")
+    with atomic_open(dest, "wb") as out:
         h = hashlib.new(algorithm) if algorithm else None
         request = urllib.request.Request(url, headers={"User-Agent": "lightning-msvag"})
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
+        size = 0
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
+                size += len(chunk)
                 if h is not None:
                     h.update(chunk)
         if h is not None and expected is not None and h.hexdigest() != expected:
             raise DataIntegrityError(
                 f"The file downloaded from {url} has the wrong {algorithm} checksum "
-                f"({tmp.stat().st_size:,} bytes; expected {algorithm} {expected}, got {h.hexdigest()}). "
+                f"({size:,} bytes; expected {algorithm} {expected}, got {h.hexdigest()}). "
                 f"It was discarded; {dest} was not created."
             )
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; give the usual permissions of a data file
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()  # our own temporary file, never a user's file
 
 
 def write_atomically(dest: Path, source: BinaryIO) -> None:
     """Copy the stream ``source`` to ``dest`` through a temporary file renamed into place."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(source, out, 1 << 20)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()  # our own temporary file
+    with atomic_open(dest, "wb") as out:  # follows the umask (lightning_msvag._io)
+        shutil.copyfileobj(source, out, 1 << 20)
 
 
 def gunzip_file(archive: Path, dest: Path) -> None:

@@ -27,8 +27,6 @@ loaders therefore carry a pass-through ``DistributedSampler`` so Lightning injec
 
 import hashlib
 import lzma
-import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
 from ._files import DataIntegrityError, describe_exception, verify_file
+from lightning_msvag._io import atomic_open
 from lightning_msvag.resumable import ResumableDataLoader, ResumableSampler
 
 from ._image import (
@@ -306,20 +305,12 @@ class TolstoiDataModule(pl.LightningDataModule):
 
     def _save_cache(self, vocab: str, ids: np.ndarray) -> None:
         path = self.cache_path
-        tmp: Optional[Path] = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-            tmp = Path(tmp_name)
-            with os.fdopen(fd, "wb") as f:
+            # atomic (concurrent processes never see half a cache) and following the umask
+            with atomic_open(path, "wb") as f:
                 np.savez(f, ids=ids, vocab=np.array([ord(c) for c in vocab], dtype=np.int32))
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)  # atomic: concurrent processes never see half a cache
         except OSError as exc:  # e.g. a read-only data folder: work without the cache
             warnings.warn(f"could not write the Tolstoi cache {path}: {describe_exception(exc)}", stacklevel=2)
-        finally:
-            if tmp is not None and tmp.exists():
-                tmp.unlink()  # our own temporary file
 
     def _encoded(self) -> Tuple[str, np.ndarray]:
         cached = self._load_cache()

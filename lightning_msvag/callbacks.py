@@ -47,7 +47,8 @@ class VarianceAdaptationMonitor(Callback):
     parameters) switch the monitor off with a warning at ``on_train_start``.
 
     Args:
-        logging_interval: log when ``trainer.global_step % logging_interval == 0``;
+        logging_interval: log when ``trainer.global_step % logging_interval == 0``, and
+            after the steps 1, 2, 4, 8, ... below it (the early γ, where it changes fastest);
             ``None`` follows the trainer's ``log_every_n_steps``.
         track_moments: for M-SGD / M-SSD, keep a v~ buffer per parameter (rank zero only,
             updated in ``on_before_optimizer_step``) to log the γ M-SVAG would apply. It
@@ -162,7 +163,7 @@ class VarianceAdaptationMonitor(Callback):
         if self._disabled or not trainer.is_global_zero:
             return
         step = trainer.global_step
-        if step == 0 or step == self._last_logged_step or step % self._interval(trainer):
+        if step == 0 or step == self._last_logged_step or not self._due(step, self._interval(trainer)):
             return
         self._last_logged_step = step
         scalars, hists = self.compute(pl_module, trainer.optimizers)
@@ -223,6 +224,12 @@ class VarianceAdaptationMonitor(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message, category=UserWarning)
+
+    @staticmethod
+    def _due(step: int, interval: int) -> bool:
+        """Every ``interval``-th step, and the powers of two below it (steps 1, 2, 4, ...): γ
+        changes fastest early in a run, and a short look (README: 30 steps) shows it."""
+        return step % interval == 0 or (step < interval and step & (step - 1) == 0)
 
     def _interval(self, trainer: "pl.Trainer") -> int:
         return self.logging_interval if self.logging_interval is not None else max(1, int(trainer.log_every_n_steps))

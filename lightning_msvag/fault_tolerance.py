@@ -18,7 +18,9 @@ Three Lightning callbacks, added by the ``lightning-msvag`` command by default
   parameters and optimizer state are finite and that shapes match the model; a bad file
   raises :class:`CheckpointError` (a ``ValueError``: the command prints one line, exits 1)
   before anything trains. It refuses to *write* a checkpoint whose parameters or optimizer
-  state are non-finite (:class:`NonFiniteTrainingError`), which ends the run.
+  state are non-finite (:class:`NonFiniteTrainingError`), which ends the run, and records the
+  optimizers' classes in each checkpoint (:func:`checkpoint_optimizer_classes`), so that a
+  resume with another optimizer is refused before it starts.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ __all__ = [
     "Preempted",
     "PreemptionCheckpoint",
     "check_checkpoint_contents",
+    "checkpoint_optimizer_classes",
     "fault_tolerance_callbacks",
     "rng_state",
     "set_rng_state",
@@ -259,6 +262,38 @@ def check_checkpoint_contents(checkpoint: Dict[str, Any], module: Optional[torch
         )
 
 
+#: Top-level checkpoint key holding the import paths of the optimizers whose state it holds.
+OPTIMIZER_CLASSES_KEY = "lightning_msvag_optimizer_classes"
+
+
+def checkpoint_optimizer_classes(path: "str | os.PathLike") -> List[str]:
+    """Import paths of the optimizers whose state the checkpoint at ``path`` holds.
+
+    Read from what :class:`CheckpointGuard` records; for older checkpoints from the run's
+    ``config.yaml`` (LightningCLI's saved config, ``<version folder>/config.yaml`` beside the
+    ``checkpoints`` folder). ``[]`` when neither says.
+    """
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # an unreadable file is reported by the checks that load it
+        checkpoint = {}
+    recorded = checkpoint.get(OPTIMIZER_CLASSES_KEY) if isinstance(checkpoint, dict) else None
+    if recorded:
+        return [str(c) for c in recorded]
+    config = path.resolve().parent.parent / "config.yaml"
+    if path.resolve().parent.name == "checkpoints" and config.is_file():
+        import yaml
+
+        try:
+            optimizer = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("optimizer")
+        except (OSError, yaml.YAMLError, AttributeError):
+            return []
+        class_path = optimizer.get("class_path") if isinstance(optimizer, dict) else optimizer
+        return [str(class_path)] if class_path else []
+    return []
+
+
 class _CheckedCheckpointIO(CheckpointIO):
     """Wraps the strategy's checkpoint IO: verify CRCs before loading and the contents after."""
 
@@ -313,6 +348,8 @@ class CheckpointGuard(Callback):
             trainer.strategy.checkpoint_io = io.inner
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
+        # which method the optimizer state belongs to (strings: loadable with weights_only=True)
+        checkpoint[OPTIMIZER_CLASSES_KEY] = [f"{type(o).__module__}.{type(o).__qualname__}" for o in trainer.optimizers]
         bad = nonfinite_entries(checkpoint)
         if bad:
             raise NonFiniteTrainingError(
@@ -350,6 +387,14 @@ class PreemptionCheckpoint(Callback):
     exactly. A signal during validation ends the run with the same status and, in a single
     process, a checkpoint written at that point.
 
+    Under DDP every process must stop at the same step, and before Lightning's own SIGTERM
+    check at the end of that step. The processes agree through a MAX all-reduce of a one-element
+    CPU tensor on a gloo process group (the default group under CPU DDP, one made in
+    ``on_train_start`` under NCCL): the GPU stream is never waited for (a flag on the GPU would
+    need ``.item()``, a device synchronisation, every step), and the host-side exchange of
+    8 bytes is small next to the step (Lightning itself broadcasts its SIGTERM flag on the device
+    every step). Where no gloo group can be made, the flag goes through the default group.
+
     Args:
         requeue_signal: the signal SLURM sends before the time limit (``#SBATCH --signal``);
             SIGUSR1 by default.
@@ -364,6 +409,7 @@ class PreemptionCheckpoint(Callback):
         self.received: Optional[int] = None
         self.saved_path: Optional[str] = None
         self._previous: Dict[int, Any] = {}
+        self._group: Any = None  # the CPU (gloo) process group the flags are reduced on (DDP)
 
     # -- signal handling
     def _handler(self, signum: int, frame: Any) -> None:
@@ -374,6 +420,14 @@ class PreemptionCheckpoint(Callback):
             previous(signum, frame)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._group = None
+        if self._distributed(trainer):
+            # every process runs on_train_start, so all take part in making the group
+            dist = torch.distributed
+            try:
+                self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            except (RuntimeError, ValueError):  # no gloo in this build: the default group
+                self._group = None
         # after Lightning registered its handlers (just before the loops run): chain onto them
         import threading
 
@@ -401,6 +455,7 @@ class PreemptionCheckpoint(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._restore_handlers()
+        self._group = None
 
     # -- acting on it
     def _checkpoint_path(self, trainer: Trainer) -> str:
@@ -411,15 +466,26 @@ class PreemptionCheckpoint(Callback):
         dirpath = getattr(callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
         return os.path.join(str(dirpath), f"{self.filename}.ckpt")
 
+    @staticmethod
+    def _distributed(trainer: Trainer) -> bool:
+        return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
     def _signal_seen(self, trainer: Trainer) -> Optional[int]:
+        """The signal to stop on at the end of this step, the same in every process (or None)."""
         local = self.received
         if local is None and getattr(trainer, "received_sigterm", False):
             local = int(signal.SIGTERM)
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if not self._distributed(trainer):
+            return local
+        dist = torch.distributed
+        if self._group is None:  # no gloo group: on the default group's device (a device sync)
             flag = torch.tensor([local or 0], device=trainer.strategy.root_device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             return int(flag.item()) or None
-        return local
+        # a CPU tensor on the gloo group: no device synchronisation, no wait on the GPU stream
+        flag = torch.tensor([local or 0], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return int(flag.item()) or None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         signum = self._signal_seen(trainer)
@@ -431,7 +497,7 @@ class PreemptionCheckpoint(Callback):
         from pytorch_lightning.utilities import rank_zero_info
 
         path = self._checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state (stated: no "was not set" line)
         self.saved_path = path
         name = signal.Signals(signum).name
         rank_zero_info(f"{name} received: wrote {path} at step {trainer.global_step}; resume with --ckpt_path last")
@@ -460,7 +526,7 @@ class PreemptionCheckpoint(Callback):
         # scheduler must not see success. A checkpoint needs all processes; only in one process.
         if trainer.world_size == 1 and self.saved_path is None:
             path = self._checkpoint_path(trainer)
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
             self.saved_path = path
             print(f"SIGTERM received: wrote {path} at step {trainer.global_step}; resume with --ckpt_path last",
                   flush=True)

@@ -363,7 +363,7 @@ class ComputeAtLoggingSteps(Callback):
         self.monitor, self.expected = monitor, {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step % self.monitor.logging_interval == 0:
+        if VarianceAdaptationMonitor._due(trainer.global_step, self.monitor.logging_interval):
             self.expected[trainer.global_step - 1] = self.monitor.compute(pl_module, trainer.optimizers)
 
 
@@ -395,7 +395,8 @@ def test_monitor_never_changes_the_trajectory_adam_and_tracked_msgd(optimizer, t
         assert torch.equal(a, b), name
     assert monitor.checked_calls == 1 + 8 + 8
     _, acc = _events(trainer.logger.log_dir)
-    assert [e.step for e in acc.Scalars("gamma/out.weight/median")] == [1, 3, 5, 7]
+    # after steps 1 and 2 (powers of two below the interval), then every second step
+    assert [e.step for e in acc.Scalars("gamma/out.weight/median")] == [0, 1, 3, 5, 7]
     assert len(monitor._tracker) == (4 if optimizer == "msgd" else 0)
 
 
@@ -406,19 +407,19 @@ def test_tensorboard_holds_scalars_and_histograms_per_layer(monitored_run):
     tags = acc.Tags()
     names = [name for name, _ in model.named_parameters()]
     assert names == PARAMETER_NAMES
-    # logged after optimizer steps 3, 6, 9, 12, at Lightning's step for that batch
-    assert sorted(expected) == [2, 5, 8, 11]
+    # logged after optimizer steps 1, 2 (powers of two below the interval), 3, 6, 9, 12, at Lightning's step
+    assert sorted(expected) == [0, 1, 2, 5, 8, 11]
     scalar_tags = [t for t in tags["scalars"] if t.startswith(("gamma/", "eta2/"))]
     assert sorted(scalar_tags) == sorted(expected[2][0]) and len(scalar_tags) == 5 * 6
     for tag in scalar_tags:
         events = acc.Scalars(tag)
-        assert [e.step for e in events] == [2, 5, 8, 11], tag
+        assert [e.step for e in events] == [0, 1, 2, 5, 8, 11], tag
         # TensorBoard stores float32
         assert [e.value for e in events] == pytest.approx([expected[e.step][0][tag] for e in events], rel=1e-6), tag
     assert sorted(tags["histograms"]) == sorted(f"gamma_hist/{n}" for n in names + ["all"])
     for name in names + ["all"]:
         hist = acc.Histograms(f"gamma_hist/{name}")
-        assert [h.step for h in hist] == [2, 5, 8, 11]
+        assert [h.step for h in hist] == [0, 1, 2, 5, 8, 11]
         for h in hist:
             value, want = h.histogram_value, expected[h.step][1][f"gamma_hist/{name}"]
             assert (value.min, value.max, value.num, value.sum, value.sum_squares) == pytest.approx(
@@ -489,7 +490,7 @@ def test_tracked_moments_restart_at_zero_after_a_resume_without_their_state(tmp_
 def test_interval_follows_trainer_when_none(tmp_path):
     _, trainer = _fit(tmp_path, [VarianceAdaptationMonitor(logging_interval=None)], max_steps=8, log_every_n_steps=4)
     _, acc = _events(trainer.logger.log_dir)
-    assert [e.step for e in acc.Scalars("gamma/all/median")] == [3, 7]
+    assert [e.step for e in acc.Scalars("gamma/all/median")] == [0, 1, 3, 7]  # steps 1, 2, then 4, 8
 
 
 def test_without_tensorboard_scalars_go_to_other_loggers(tmp_path):
@@ -500,7 +501,15 @@ def test_without_tensorboard_scalars_go_to_other_loggers(tmp_path):
 
     rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
     values = [float(r["gamma/out.weight/median"]) for r in rows if r.get("gamma/out.weight/median")]
-    assert len(values) == 2 and all(0 <= v <= 1 for v in values)
+    assert len(values) == 4 and all(0 <= v <= 1 for v in values)  # steps 1, 2, 4, 8
+
+
+def test_first_logs_come_early_so_a_short_run_shows_gamma(tmp_path):
+    """Issue 19 item 6: with the configs' interval 50, a 30-step look still shows γ (steps 1, 2, 4, 8, 16)."""
+    _, trainer = _fit(tmp_path, [VarianceAdaptationMonitor(logging_interval=50)], max_steps=30)
+    _, acc = _events(trainer.logger.log_dir)
+    assert [e.step for e in acc.Scalars("gamma/all/median")] == [0, 1, 3, 7, 15]
+    assert [s for s in range(1, 201) if VarianceAdaptationMonitor._due(s, 50)] == [1, 2, 4, 8, 16, 32, 50, 100, 150, 200]
 
 
 def test_monitor_in_the_problem_configs():

@@ -80,9 +80,9 @@ def test_tolstoi_config_trains_on_real_text_logs_and_resumes(tmp_path):
     main(_quick_fit_args(tmp_path, "tolstoi_char_rnn.yaml", "--trainer.limit_train_batches", "3",
                          "--trainer.limit_val_batches", "2", "--trainer.max_epochs", "2",
                          "--ckpt_path", str(checkpoints[0])))
-    resumed = [c for c in (tmp_path / "logs").rglob("last.ckpt") if c != checkpoints[0]]
-    assert resumed, "the resumed run saved no checkpoint"
-    state = torch.load(resumed[0], weights_only=False)
+    # the resume continues the checkpoint's run folder (one TensorBoard run, issue 19)
+    assert list((tmp_path / "logs").rglob("last.ckpt")) == checkpoints
+    state = torch.load(checkpoints[0], weights_only=False)
     assert state["global_step"] == 6
     assert int(state["optimizer_states"][0]["state"][0]["step"]) == 6
 
@@ -319,3 +319,131 @@ def test_batch_limits_from_the_command_line_keep_lightnings_int_vs_fraction_mean
                      f"--trainer.limit_train_batches={value}"], run=False)
     for limit in (cli.trainer.limit_val_batches, cli.trainer.limit_train_batches):
         assert limit == expected and type(limit) is type(expected)
+
+
+
+# ------------------------------------------------------------ issue 19: a researcher's first day
+def _tiny_fit(tmp_path: Path, data_dir: Path, steps: int, *extra: str, subcommand: str = "fit") -> list:
+    return [subcommand, "--config", str(CONFIGS / "tolstoi_char_rnn.yaml"), "--data.data_dir", str(data_dir),
+            "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), *extra]
+
+
+def _error_lines(err: str) -> list:
+    return [line for line in err.splitlines() if line.startswith("lightning-msvag: error:")]
+
+
+def test_ckpt_path_last_resumes_the_newest_last_ckpt_into_the_same_tensorboard_run(tmp_path, tolstoi_dir, capsys):
+    """Item 1: with the shipped config as it is, --ckpt_path last finds version_0's last.ckpt and
+    continues it there; the first start (nothing to resume) says so and trains from scratch."""
+    assert main(_tiny_fit(tmp_path, tolstoi_dir, 2, "--ckpt_path", "last")) == 0
+    assert "no last.ckpt in" in capsys.readouterr().err
+    run = tmp_path / "logs" / "tolstoi_char_rnn"
+    assert main(_tiny_fit(tmp_path, tolstoi_dir, 4, "--ckpt_path", "last")) == 0
+    assert f"resuming {run / 'version_0' / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["version_0"]
+    assert torch.load(run / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    # one TensorBoard run: losses of steps 0..3, the learning rate also after the resume, no hp_metric
+    events = sorted((run / "version_0").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    assert len(events) == 2
+    assert sorted(s for s in _scalar_steps(run / "version_0", "train/loss")) == [0, 1, 2, 3]
+    resumed = EventAccumulator(str(events[1]))
+    resumed.Reload()
+    assert "lr-MSVAG" in resumed.Tags()["scalars"]
+    assert "hp_metric" not in _scalar_tags(run)
+    # validate on the run's checkpoint writes into the same folder, keeping the fit's config.yaml
+    assert main(_tiny_fit(tmp_path, tolstoi_dir, 4, "--ckpt_path", "last", subcommand="validate")) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["version_0"]
+    assert "class_path: lightning_msvag.MSVAG" in (run / "version_0" / "config.yaml").read_text()
+    # nothing to evaluate: refused in one line
+    assert main(_tiny_fit(tmp_path / "other", tolstoi_dir, 4, "--ckpt_path", "last", subcommand="test")) == 2
+    assert "no last.ckpt" in _error_lines(capsys.readouterr().err)[0]
+
+
+def _scalar_steps(folder: Path, tag: str) -> list:
+    steps = []
+    for event_file in folder.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(event_file))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            steps.extend(e.step for e in acc.Scalars(tag))
+    return steps
+
+
+@pytest.mark.parametrize("switch,requested", [(["--optimizer", "Adam"], "adam (torch.optim.Adam)"),
+                                              (["--optimizer", "m-sgd"], "m-sgd (lightning_msvag.MSGD)")])
+def test_resume_with_another_optimizer_is_refused_in_one_line(tmp_path, tolstoi_dir, capsys, switch, requested):
+    """Item 2: before, Adam crashed with KeyError 'betas' and m-sgd resumed silently."""
+    assert main(_tiny_fit(tmp_path, tolstoi_dir, 2)) == 0
+    last = tmp_path / "logs" / "tolstoi_char_rnn" / "version_0" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    assert main(_tiny_fit(tmp_path, tolstoi_dir, 4, *switch, "--ckpt_path", "last")) == 1
+    err = capsys.readouterr().err
+    (line,) = _error_lines(err)
+    assert "m-svag (lightning_msvag.MSVAG)" in line and requested in line and "Traceback" not in err
+    assert torch.load(last, weights_only=True)["global_step"] == 2  # nothing trained
+
+
+@pytest.mark.parametrize("option,lr", [
+    (["--optimizer", "Adam"], 0.001), (["--optimizer", "mssd"], 0.001), (["--optimizer", "m-ssd"], 0.001),
+    (["--optimizer=m-sgd"], 0.1), (["--optimizer", "m-ssd", "--optimizer.lr", "0.01"], 0.01),
+    (["--optimizer", "MSVAG"], 1.0), (["--config", str(CONFIGS / "optimizers" / "adam.yaml")], 0.001),
+])
+def test_switching_method_starts_from_its_own_step_size(tmp_path, capsys, option, lr):
+    """Item 3: a method other than the config's, without --optimizer.lr, gets the method table's
+    step size (configs/optimizers/<method>.yaml) and one line saying so; never the config's 1.0."""
+    cli = build_cli(["--config", str(CONFIGS / "tolstoi_char_rnn.yaml"), "--data.data_dir", str(tmp_path),
+                     "--trainer.logger", "false", *option], run=False)
+    assert cli.config["optimizer"]["init_args"]["lr"] == lr
+    err = capsys.readouterr().err
+    switched = lr == 0.001 and "--optimizer" in option or option == ["--optimizer=m-sgd"]
+    assert ("not the config's 1.0 for m-svag" in err) == switched, err
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--optimizer", "m-svga"], ["unknown optimizer 'm-svga'; did you mean m-svag", "known: m-sgd, m-ssd, m-svag"]),
+    (["--optimizer.lr", "abc"], ["--optimizer.lr: expected float, got 'abc'"]),
+    (["--trainer.max_stepz", "3"], ["unknown option --trainer.max_stepz; did you mean --trainer.max_steps"]),
+    (["--model.hidden", "3"], ["--model.hidden", "did you mean --model.hidden_size"]),
+    (["--optimizer", "RMSprop"], ["--optimizer RMSprop", "--optimizer.lr"]),
+    (["--config", "configs/tolstoi_char_rn.yaml"], ["config file", "tolstoi_char_rn.yaml does not exist",
+                                                    "did you mean tolstoi_char_rnn.yaml"]),
+])
+def test_command_line_mistakes_are_one_line_naming_the_choices_exit_2(tmp_path, capsys, args, expected):
+    """Item 4: before, 50-60 lines of usage; now one line, the closest valid choice first, exit 2."""
+    assert main(["fit", "--config", str(CONFIGS / "tolstoi_char_rnn.yaml"), *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    for text in expected:
+        assert text in err, err
+
+
+def _help(argv: list, capsys) -> str:
+    from lightning_msvag import command
+
+    with pytest.raises(SystemExit) as stop:
+        command.main(argv)
+    assert stop.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+def test_help_finds_every_feature(capsys):
+    """Item 5."""
+    from lightning_msvag import command
+
+    top = _help(["--help"], capsys)
+    for feature in ("fit", "validate", "test", "predict", "reproduce", "configs", "--list-optimizers", "--version"):
+        assert feature in top, feature
+    assert command.main(["configs", "--help"]) == 0 and "--write DIR" in capsys.readouterr().out
+    assert "beta" in _help(["fit", "--optimizer.help", "m-svag"], capsys)
+    assert "m-svag" in _help(["fit", "--help"], capsys)
+    sqp = _help(["reproduce", "sqp", "--help"], capsys)
+    assert sqp.index("options:") < 1500 and sqp.index("options:") < sqp.index("**Problem**"), sqp[:2000]
+
+
+def test_a_30_step_quick_look_shows_gamma(tmp_path, tolstoi_dir):
+    """Item 6: README's `--trainer.max_steps 30` with the shipped config writes γ to TensorBoard."""
+    assert main(_tiny_fit(tmp_path, tolstoi_dir, 30, "--trainer.log_every_n_steps", "10")) == 0
+    tags = _scalar_tags(tmp_path / "logs")
+    assert tags.get("gamma/all/mean") and all(0 <= g <= 1 for g in tags["gamma/all/mean"])

@@ -329,6 +329,36 @@ def test_fashion_mnist_download_failure_is_clear(tmp_path):
     assert leftovers(tmp_path) == [] and not list((tmp_path / "FashionMNIST" / "raw").glob("*ubyte*"))
 
 
+def test_fashion_mnist_download_failure_points_offline_and_leaves_no_folders(tmp_path):
+    """Issue 19 item 9: the error names the offline recipe; the tree it names is not created."""
+    data = tmp_path / "data"
+    with pytest.raises(DataUnavailableError) as err:
+        FashionMNISTDataModule(str(data), download=True).prepare_data()
+    assert "docs/fashion_mnist_offline.md" in str(err.value)
+    assert not data.exists(), sorted(str(p) for p in tmp_path.rglob("*"))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_data_files_follow_the_umask(tmp_path, monkeypatch, umask):
+    """Downloads, copies and the Tolstoi id cache get 0666 & ~umask, like any other file (not 0600/0644)."""
+    from datamodules._files import download_file, write_atomically
+
+    payload = b"some bytes"
+    serve(monkeypatch, payload)
+    old = os.umask(umask)
+    try:
+        download_file("https://example.invalid/f", tmp_path / "dl" / "f.bin", "md5", hashlib.md5(payload).hexdigest())
+        write_atomically(tmp_path / "copy.bin", io.BytesIO(payload))
+        dm = TolstoiDataModule(str(tmp_path / "tolstoi"), download=False)
+        dm.prepare_data()
+    finally:
+        os.umask(old)
+    files = [tmp_path / "dl" / "f.bin", tmp_path / "copy.bin", dm.cache_path]
+    for path in files:
+        assert path.is_file() and (path.stat().st_mode & 0o777) == 0o666 & ~umask, (path, oct(path.stat().st_mode))
+    assert leftovers(tmp_path) == []
+
+
 def test_fashion_mnist_truncated_file(tmp_path, monkeypatch):
     forbid_network(monkeypatch)
     write_fake_fashion_mnist(tmp_path, n_train=50, n_test=20)

@@ -29,6 +29,7 @@ from lightning_msvag.fault_tolerance import (
     CheckpointGuard,
     ExactResume,
     NonFiniteTrainingError,
+    PreemptionCheckpoint,
     nonfinite_entries,
     verify_checkpoint_archive,
 )
@@ -394,6 +395,7 @@ def test_sigterm_mid_epoch_writes_checkpoint_exits_143_and_resumes_exactly(tmp_p
     assert code == 143, text[-3000:]
     assert straight_code == 0, (tmp_path / "straight.log").read_text()[-3000:]
     assert "SIGTERM received: wrote" in text
+    assert "weights_only" not in text  # no stray "`weights_only` was not set" line (issue 19 item 9)
     last = _newest_last(tmp_path / "run")
     ckpt = torch.load(last, weights_only=True, map_location="cpu")
     assert ckpt["global_step"] == 4  # the step the signal arrived in was completed and saved
@@ -623,3 +625,67 @@ def test_loader_state_before_the_first_batch_of_a_pass(when, tmp_path):
     again = loader()
     again.load_state_dict(state)
     assert [b[1].tolist() for b in again] + [b[1].tolist() for b in again] == expected
+
+
+# ============================================================================ issue 19
+class _StubStrategy:
+    root_device = torch.device("cpu")
+
+
+class _StubTrainer:
+    """What PreemptionCheckpoint reads of a DDP trainer: two processes, no Lightning SIGTERM."""
+
+    world_size = 2
+    received_sigterm = False
+    strategy = _StubStrategy()
+
+
+def test_ddp_preemption_flag_is_a_cpu_number_on_a_gloo_group(tmp_path, monkeypatch):
+    """Issue 17 item 5: the flag is all-reduced as a CPU tensor on a gloo group (never on the
+    GPU, whose `.item()` would synchronise the device every step), at the step of the signal."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        calls = []
+        real = dist.all_reduce
+
+        def recording(tensor, *args, **kwargs):
+            calls.append((tensor.device.type, dist.get_backend(kwargs.get("group"))))
+            return real(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(dist, "all_reduce", recording)
+        callback, trainer = PreemptionCheckpoint(), _StubTrainer()
+        callback.on_train_start(trainer, None)
+        try:
+            _StubStrategy.root_device = torch.device("meta")  # a device flag would fail loudly
+            assert callback._signal_seen(trainer) is None
+            callback.received = int(signal.SIGTERM)  # arrives during step 2
+            assert callback._signal_seen(trainer) == signal.SIGTERM  # every process stops after it
+            assert calls == [("cpu", "gloo"), ("cpu", "gloo")], calls
+        finally:
+            _StubStrategy.root_device = torch.device("cpu")
+            callback.teardown(trainer, None, "fit")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_sigterm_stops_every_rank_at_the_same_step_and_resumes_exactly(tmp_path):
+    """2-process DDP (gloo): SIGTERM during step 4; both ranks stop after it (exit 143, one
+    checkpoint at step 4), and `--ckpt_path last` + 3 steps equals 7 steps straight, bitwise."""
+    data = _TOLSTOI["dir"]
+    cfg = _p4_config(tmp_path, data, "run", 2, max_steps=100, save_every=100,
+                     extra_callbacks=[{"class_path": "tests.helpers.resume.SignalAtStep", "init_args": {"step": 3}}])
+    straight_cfg = _p4_config(tmp_path, data, "straight", 2, max_steps=7, save_every=100)
+    code = _run_cli(["fit", "--config", str(cfg)], tmp_path / "run.log")
+    text = (tmp_path / "run.log").read_text()
+    assert code == 143, text[-3000:]
+    assert text.count("SIGTERM received: wrote") == 1 and "weights_only" not in text
+    assert torch.load(_newest_last(tmp_path / "run"), weights_only=True)["global_step"] == 4
+    assert _run_cli(["fit", "--config", str(straight_cfg)], tmp_path / "straight.log") == 0
+    resume_cfg = _p4_config(tmp_path, data, "run", 2, max_steps=7, save_every=100)
+    assert _run_cli(["fit", "--config", str(resume_cfg), "--ckpt_path", "last"], tmp_path / "resumed.log") == 0, (
+        (tmp_path / "resumed.log").read_text()[-3000:])
+    last = _newest_last(tmp_path / "run")
+    assert torch.load(last, weights_only=True)["global_step"] == 7
+    _assert_bitwise(_checkpoint_tensors(last), _checkpoint_tensors(tmp_path / "straight" / "last.ckpt"))

@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     for name, (_, help_text) in EXPERIMENTS.items():
         module = _module(name)
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+        # the options first: the module's first paragraph above them, its derivation after them
+        summary, _, details = (module.__doc__ or help_text).strip().partition("\n\n")
+        p = sub.add_parser(name, help=help_text, description=summary, epilog=details.strip() or None,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--out", required=True, help="output folder (created if missing)")
         p.add_argument("--seed", type=int, default=42, help="random seed; same seed, same numbers (default 42)")

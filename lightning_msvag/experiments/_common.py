@@ -1,14 +1,15 @@
-"""Small I/O helpers shared by the experiments: atomic JSON/CSV writes, output folders."""
+"""Small I/O helpers shared by the experiments: atomic JSON/CSV writes (``lightning_msvag._io``:
+they follow the umask), output folders."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
-import os
-import secrets
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+from .._io import atomic_write_text
 
 __all__ = ["prepare_out", "write_json", "read_json", "write_csv", "jsonable"]
 
@@ -50,39 +51,10 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def _create_part_file(path: Path) -> "tuple[int, str]":
-    """A new, unique ``<name>.<random>.part`` file beside ``path``, opened for writing.
-
-    Created with mode 0666 so that the kernel applies the user's umask, as for any other file the
-    project writes (PNGs, summary.md): ``tempfile.mkstemp`` would force 0600, leaving the results
-    unreadable to colleagues (and reading the umask with ``os.umask`` would briefly change it for
-    every thread of the process, e.g. the benchmark's run launchers).
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = str(path.parent / f"{path.name}.{secrets.token_hex(6)}.part")
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:  # pragma: no cover - 48 random bits
-            continue
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_part_file(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)  # readers never see half a file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_json(path: "str | Path", data: Any) -> Path:
     """Write ``data`` as indented, strict JSON, atomically."""
     path = Path(path)
-    _atomic_write(path, json.dumps(jsonable(data), indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(jsonable(data), indent=2, sort_keys=False) + "\n")
     return path
 
 
@@ -105,5 +77,5 @@ def write_csv(path: "str | Path", header: Sequence[str], rows: Iterable[Sequence
     for row in rows:
         writer.writerow([repr(float(v)) if isinstance(v, float) else v for v in row])  # np.float64 too
     path = Path(path)
-    _atomic_write(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
     return path
