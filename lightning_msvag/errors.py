@@ -3,7 +3,7 @@
 Anything raised as a :class:`UserError` describes a mistake in the user's input, files or
 data (a missing data set, a file with the wrong checksum, ...), not a bug: the command
 prints its message as ``lightning-msvag: error: <message>`` and exits with status 1
-(docs/long_runs.md, README). Code outside the library, e.g. the problem packages'
+(docs/long_runs.md, README; a mistake in the command line itself is a usage error, status 2). Code outside the library, e.g. the problem packages'
 data modules, subclasses it so that the command needs to know nothing about them.
 """
 
