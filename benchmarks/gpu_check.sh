@@ -43,13 +43,13 @@ part() {  # part NAME SECONDS COMMAND...
     [ "$status" -eq 0 ] || failed+=("$name")
 }
 
-part "1. CUDA paths vs NumPy oracle" 70 \
+part "1. CUDA paths vs NumPy oracle" 80 \
     "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_optimizers.py -k cuda
-part "2. fused Triton kernel vs NumPy oracle on CUDA" 100 \
+part "2. fused Triton kernel vs NumPy oracle on CUDA" 90 \
     "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k cuda
-part "3. optimizer step, five layouts" 80 \
+part "3. optimizer step, five layouts" 70 \
     "$PYTHON" benchmarks/optimizer_step.py --device cuda --rounds 7 --no-first-step
-part "4. whole training step, P2 P3 P4" 60 \
+part "4. whole training step, P2 P3 P4" 55 \
     "$PYTHON" benchmarks/problem_step_time.py --device cuda --problems p2,p3,p4 --precision 32,bf16 \
         --steps 10 --warmup 3 --rounds 3
 
