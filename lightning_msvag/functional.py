@@ -52,6 +52,7 @@ from .rule import (
     _coefficients,
     _gamma_coefficients,
     _gamma_math,
+    _sign_factor_math,
     _update_math,
     bias_correction,
     variance_ratio,
@@ -67,6 +68,7 @@ __all__ = [
     "variance_adaptation_factor",
     "dissected_adam",
     "fused_path_available",
+    "rule_variance_factor",
 ]
 
 #: Elements per tile on CPU (single- and multi-tensor paths). 2**20 float32 values are
@@ -98,6 +100,10 @@ class _TensorOps:
     clamp_ = staticmethod(lambda x, lo, hi: x.clamp_(lo, hi))
     addcmul_ = staticmethod(lambda p, a, b, s: p.addcmul_(a, b, value=s))
     add_ = staticmethod(lambda p, d, s: p.add_(d, alpha=s))
+    rsub_scalar = staticmethod(lambda x, s: torch.rsub(x, s))
+    sqrt_ = staticmethod(lambda x: x.sqrt_())
+    erf_ = staticmethod(lambda x: x.erf_())
+    ema_ = staticmethod(lambda v, x, decay, w: v.mul_(decay).add_(x, alpha=w))
 
 
 class _ForeachOps:
@@ -128,6 +134,21 @@ class _ForeachOps:
         torch._foreach_clamp_max_(x, hi)
         return x
 
+    sqrt_ = staticmethod(lambda x: torch._foreach_sqrt_(x) or x)
+    erf_ = staticmethod(lambda x: torch._foreach_erf_(x) or x)
+
+    @staticmethod
+    def rsub_scalar(x, s):
+        y = torch._foreach_neg(x)
+        torch._foreach_add_(y, s)
+        return y
+
+    @staticmethod
+    def ema_(v, x, decay, w):
+        torch._foreach_mul_(v, decay)
+        torch._foreach_add_(v, x, alpha=w)
+        return v
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
@@ -149,6 +170,30 @@ def variance_adaptation_factor(
     kappa, upper = _gamma_coefficients(rule, beta, step)
     m, v = exp_avg.to(compute), exp_avg_sq.to(compute)
     return _gamma_math(_TensorOps(compute), m, v, kappa, upper).div_(upper)
+
+
+def rule_variance_factor(rule: UpdateRule, exp_avg: Tensor, exp_avg_sq: Tensor, *, beta: float, step: int,
+                         sign_factor: bool = False) -> Tensor:
+    """γ of the step ``step`` of any variance-adapted ``rule`` from its buffers m~, v~.
+
+    The γ of :func:`variance_adaptation_factor`, for every rule: with ``variance="minibatch"``
+    v~ holds the mini-batch buffer (docs/algorithm.md §1.1), and γ is a real estimate at
+    k = 1 too. For a sign rule this is the non-sign rule's γ = 1/(1 + η²) unless
+    ``sign_factor=True``, which gives the factor γ^s the sign step applied (erf or √γ,
+    docs/algorithm.md §1.2). Values in [0, 1], 0 where m = v = 0; float32 for 16-bit inputs.
+    """
+    if not rule.variance_adaptation:
+        raise ValueError(f"{rule} has no variance adaptation")
+    compute = _compute_dtype(exp_avg.dtype)
+    if step == 1 and not rule.needs_batch_variance:
+        return (exp_avg != 0).to(compute)  # s = 0: γ = 1 (and γ^s = 1) wherever m ≠ 0
+    kappa, upper = _gamma_coefficients(rule, beta, step)
+    ops = _TensorOps(compute)
+    gamma = _gamma_math(ops, exp_avg.to(compute), exp_avg_sq.to(compute), kappa, upper)
+    if sign_factor and rule.sign:
+        gamma = _sign_factor_math(ops, gamma, upper, rule.sign_factor)
+        return gamma.div_(math.sqrt(upper)) if rule.sign_factor == "sqrt" else gamma
+    return gamma.div_(upper)
 
 
 # --------------------------------------------------------------------------------------
@@ -245,6 +290,46 @@ def _multi_tensor_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, l
                 _update_math(rule, ops, c, p, g, m, v)
 
 
+def _batch_variances_of(params: Sequence[Tensor]) -> List[Tensor]:
+    """σ̂² of each parameter, left by :class:`~lightning_msvag.batch_variance.BatchVarianceEstimator`."""
+    found = [getattr(p, "grad_batch_variance", None) for p in params]
+    if any(s is None for s in found):
+        raise RuntimeError(
+            "this update needs the mini-batch variance estimate (p.grad_batch_variance): record the backward "
+            "pass with lightning_msvag.batch_variance.BatchVarianceEstimator or add BatchVarianceCallback"
+        )
+    return found
+
+
+def _minibatch_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, batch_variances, foreach, rule, lr, beta,
+                      maximize):
+    """Rules with ``variance="minibatch"`` (docs/algorithm.md §1.1): the one ``_update_math`` with the extra
+    operand σ̂². Single-tensor (``foreach=False``) or multi-tensor (bucketed by device, dtype and step),
+    whole tensors. There is no generated kernel for them: ``fused=True`` runs the multi-tensor path."""
+    if len(batch_variances) != len(params):
+        raise ValueError(f"{len(batch_variances)} batch variances for {len(params)} parameters")
+    buckets: dict = {}
+    for i, (p, step) in enumerate(zip(params, steps)):
+        buckets.setdefault((p.device, p.dtype, step) if foreach else i, []).append(i)
+    for indices in buckets.values():
+        first = params[indices[0]]
+        compute = _compute_dtype(first.dtype)
+        c = _coefficients(rule, lr, beta, steps[indices[0]], maximize)
+        p, g, m, v, s = ([lst[i] for i in indices] for lst in (params, grads, exp_avgs, exp_avg_sqs, batch_variances))
+        low_precision = first.dtype in _LOW_PRECISION
+        s = [x.to(device=first.device, dtype=compute) for x in s]  # only read
+        work = [[x.float() for x in t] for t in (p, g, m, v)] if low_precision else [p, g, m, v]
+        if foreach:
+            new = _update_math(rule, _ForeachOps(compute), c, *work, s)
+            pairs = list(zip((p, m, v), new))
+        else:
+            new = _update_math(rule, _TensorOps(compute), c, *(t[0] for t in work), s[0])
+            pairs = [([dst[0]], [src]) for dst, src in zip((p, m, v), new)]
+        if low_precision:
+            for dst, src in pairs:
+                torch._foreach_copy_(dst, src)  # one rounding to the 16-bit dtype
+
+
 # --------------------------------------------------------------------------------------
 # Fused CPU kernel (generated C++, see lightning_msvag/_cpu_kernel.py)
 # --------------------------------------------------------------------------------------
@@ -332,6 +417,7 @@ def dissected_adam(
     foreach: bool = False,
     fused: bool = False,
     tile_numel: Optional[int] = CPU_TILE_NUMEL,
+    batch_variances: Optional[List[Tensor]] = None,
 ) -> None:
     """One in-place step of the family member ``rule`` on a list of tensors (docs/algorithm.md §1).
 
@@ -340,6 +426,9 @@ def dissected_adam(
     / second moment. ``tile_numel`` sets the CPU tile size of the single- and multi-tensor
     paths; ``None`` processes whole tensors (as on CUDA). ``fused`` runs the generated C++
     kernel (CPU tensors only: a non-CPU tensor raises ``ValueError``).
+    ``batch_variances``: σ̂² per tensor for ``variance="minibatch"`` rules (default: each
+    parameter's ``grad_batch_variance``; ``RuntimeError`` if one is missing). Those rules
+    have no generated kernel: ``fused=True`` runs them on the multi-tensor path.
     """
     if not params:
         return
@@ -357,6 +446,13 @@ def dissected_adam(
         update = _fused_cpu_update
     else:
         update = _multi_tensor_update if foreach else _single_tensor_update
+    if rule.needs_batch_variance:  # the extra operand σ̂² (docs/algorithm.md §1.1)
+        _minibatch_update(
+            params, grads, exp_avgs, exp_avg_sqs, steps,
+            batch_variances=_batch_variances_of(params) if batch_variances is None else batch_variances,
+            foreach=foreach or fused, rule=rule, lr=lr, beta=beta, maximize=maximize,
+        )
+        return
     update(
         params, grads, exp_avgs, exp_avg_sqs, steps,
         rule=rule, lr=lr, beta=beta, maximize=maximize, tile_numel=tile_numel,
