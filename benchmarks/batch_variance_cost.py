@@ -15,6 +15,13 @@ Methods are interleaved round by round and the median per method is reported, wi
 to ``plain``. Run from the repository root::
 
     python benchmarks/batch_variance_cost.py [--rounds 5] [--threads N]
+
+``--whole-step`` times one whole training step instead (zero_grad, forward, backward, the
+estimate where used, optimizer step) of M-SVAG with the moving-average estimate
+(``MSVAG(...)``, its default fused CPU path) against M-SVAG with the mini-batch estimate
+(``MSVAG(..., variance="minibatch")`` + :class:`BatchVarianceEstimator`), side by side::
+
+    python benchmarks/batch_variance_cost.py --whole-step [--rounds 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.func import functional_call, grad, vmap  # noqa: E402
 
+from lightning_msvag import MSVAG  # noqa: E402
 from lightning_msvag.batch_variance import BatchVarianceEstimator  # noqa: E402
 from models import CharLSTM, ThreeC3D, TwoC2D  # noqa: E402
 
@@ -103,13 +111,61 @@ def _make_backpack(model):
     return step
 
 
+def _training_steps(model):
+    """One whole step of each M-SVAG variant, on its own copy of the model (same start)."""
+    moving = copy.deepcopy(model)
+    minibatch = copy.deepcopy(model)
+    opt_moving = MSVAG(moving.parameters(), lr=1e-3)
+    opt_minibatch = MSVAG(minibatch.parameters(), lr=1e-3, variance="minibatch")
+    est = BatchVarianceEstimator(minibatch)
+
+    def step_moving(x, y):
+        opt_moving.zero_grad(set_to_none=True)
+        _loss(moving, x, y).backward()
+        opt_moving.step()
+
+    def step_minibatch(x, y):
+        opt_minibatch.zero_grad(set_to_none=True)
+        with est.record():
+            _loss(minibatch, x, y).backward()
+        est.compute()
+        opt_minibatch.step()
+
+    return {"M-SVAG moving average": step_moving, "M-SVAG mini-batch": step_minibatch}
+
+
+def whole_step(args) -> None:
+    print(f"whole training step; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"median of {args.rounds} interleaved rounds (after 2 warm-ups)")
+    for name, model, x, y in _problems():
+        model.train()
+        methods = _training_steps(model)
+        for step in methods.values():
+            step(x, y)
+            step(x, y)  # the fused kernel's first load, the estimator's first hooks
+        times = {label: [] for label in methods}
+        for _ in range(args.rounds):
+            for label, step in methods.items():
+                t0 = time.perf_counter()
+                step(x, y)
+                times[label].append(time.perf_counter() - t0)
+        medians = {label: statistics.median(t) for label, t in times.items()}
+        base = medians["M-SVAG moving average"]
+        cells = ", ".join(f"{label} {t * 1e3:.0f} ms ({t / base:.2f}x)" for label, t in medians.items())
+        print(f"{name}: {cells}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    parser.add_argument("--whole-step", action="store_true", help="time whole M-SVAG training steps, both estimators")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.whole_step:
+        whole_step(args)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} rounds (after 1 warm-up)")
     for name, model, x, y in _problems():
         model.train()

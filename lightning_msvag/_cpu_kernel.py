@@ -42,7 +42,7 @@ from typing import List, Optional
 
 import torch
 
-from .rule import RULES, Coefficients, UpdateRule, _update_math
+from .rule import MINIBATCH_RULES, RULES, Coefficients, UpdateRule, _update_math
 
 try:
     import fcntl
@@ -60,7 +60,10 @@ loads = 0
 _lock = threading.Lock()
 _library = None  # ctypes.CDLL once loaded
 _broken: Optional[str] = None  # why the kernel cannot be used in this process
-_SCALARS = ("grad_sign", "one_minus_beta", "beta", "kappa", "upper", "neg_scale")
+_SCALARS = ("grad_sign", "one_minus_beta", "beta", "kappa", "upper", "neg_scale", "var_decay", "var_weight")
+#: every rule the kernel is generated for: the rules of the other backends, then the
+#: mini-batch ones with their extra operand S = σ̂² (docs/algorithm.md §1.1)
+KERNEL_RULES = RULES + MINIBATCH_RULES
 
 
 class _CodeOps:
@@ -120,20 +123,22 @@ class _CodeOps:
         return self._new(f"std::erf({x})")
 
     def ema_(self, v, x, decay, w):
-        # variance="minibatch" rules have no kernel (an extra operand; rule.RULES): never traced
-        raise NotImplementedError("the generated kernel has no mini-batch variance operand")
+        return self._new(f"{decay} * {v} + {w} * {x}")
 
 
 def _body(rule: UpdateRule, va: bool) -> str:
     ops = _CodeOps()
-    c = Coefficients(*_SCALARS, va=va)
+    c = Coefficients(**{name: name for name in _SCALARS}, va=va)
     loads = ["const C p = static_cast<C>(P[i]);", "const C g = static_cast<C>(G[i]);"]
     if rule.needs_first_moment:
         loads.append("const C m = static_cast<C>(M[i]);")
     if rule.needs_second_moment:
         loads.append("const C v = static_cast<C>(V[i]);")
+    if rule.needs_batch_variance:
+        loads.append("const C s = static_cast<C>(S[i]);")
     p, m, v = _update_math(rule, ops, c, "p", "g", "m" if rule.needs_first_moment else None,
-                             "v" if rule.needs_second_moment else None)
+                             "v" if rule.needs_second_moment else None,
+                             "s" if rule.needs_batch_variance else None)
     stores = [f"P[i] = static_cast<T>({p});"]
     if rule.needs_first_moment:
         stores.append(f"M[i] = static_cast<T>({m});")
@@ -158,9 +163,10 @@ namespace {
 _RULE_TEMPLATE = r"""
 template <typename T, typename C, bool VA>
 void body_NAME(int64_t n, T* __restrict P, const T* __restrict G, T* __restrict M, T* __restrict V,
-               const C grad_sign, const C one_minus_beta, const C beta, const C kappa, const C upper,
-               const C neg_scale) {
+               const T* __restrict S, const C grad_sign, const C one_minus_beta, const C beta, const C kappa,
+               const C upper, const C neg_scale, const C var_decay, const C var_weight) {
   (void)M; (void)V; (void)beta; (void)kappa; (void)upper; (void)one_minus_beta;
+  (void)S; (void)var_decay; (void)var_weight;
   if constexpr (VA) {
     for (int64_t i = 0; i < n; ++i) {
         BODY_VA
@@ -176,11 +182,12 @@ void body_NAME(int64_t n, T* __restrict P, const T* __restrict G, T* __restrict 
 _FOOTER = r"""
 template <typename T, typename C>
 void run(int rule, int64_t n, const int64_t* numel, void* const* Ps, void* const* Gs, void* const* Ms,
-         void* const* Vs, const double* s, int va, int64_t grain) {
+         void* const* Vs, void* const* Ss, const double* s, int va, int64_t grain) {
   std::vector<int64_t> offset(n + 1, 0);
   for (int64_t t = 0; t < n; ++t) offset[t + 1] = offset[t] + numel[t];
   const C grad_sign = static_cast<C>(s[0]), one_minus_beta = static_cast<C>(s[1]), beta = static_cast<C>(s[2]),
-          kappa = static_cast<C>(s[3]), upper = static_cast<C>(s[4]), neg_scale = static_cast<C>(s[5]);
+          kappa = static_cast<C>(s[3]), upper = static_cast<C>(s[4]), neg_scale = static_cast<C>(s[5]),
+          var_decay = static_cast<C>(s[6]), var_weight = static_cast<C>(s[7]);
   at::parallel_for(0, offset[n], grain, [&](int64_t begin, int64_t end) {
     int64_t t = std::upper_bound(offset.begin(), offset.end(), begin) - offset.begin() - 1;
     while (begin < end) {
@@ -191,6 +198,7 @@ void run(int rule, int64_t n, const int64_t* numel, void* const* Ps, void* const
         const T* G = static_cast<const T*>(Gs[t]) + local;
         T* M = Ms ? static_cast<T*>(Ms[t]) + local : nullptr;
         T* V = Vs ? static_cast<T*>(Vs[t]) + local : nullptr;
+        const T* S = Ss ? static_cast<const T*>(Ss[t]) + local : nullptr;
         switch (rule) {
 DISPATCH
           default: break;
@@ -205,15 +213,15 @@ DISPATCH
 }  // namespace
 
 extern "C" int lightning_msvag_step(int rule, int dtype, int64_t n, const int64_t* numel, void* const* P,
-                                    void* const* G, void* const* M, void* const* V, const double* scalars,
-                                    int va, int64_t grain) {
+                                    void* const* G, void* const* M, void* const* V, void* const* S,
+                                    const double* scalars, int va, int64_t grain) {
   if (rule < 0 || rule >= NRULES) return 2;
   try {
     switch (dtype) {
-      case 0: run<float, float>(rule, n, numel, P, G, M, V, scalars, va, grain); break;
-      case 1: run<double, double>(rule, n, numel, P, G, M, V, scalars, va, grain); break;
-      case 2: run<c10::Half, float>(rule, n, numel, P, G, M, V, scalars, va, grain); break;
-      case 3: run<c10::BFloat16, float>(rule, n, numel, P, G, M, V, scalars, va, grain); break;
+      case 0: run<float, float>(rule, n, numel, P, G, M, V, S, scalars, va, grain); break;
+      case 1: run<double, double>(rule, n, numel, P, G, M, V, S, scalars, va, grain); break;
+      case 2: run<c10::Half, float>(rule, n, numel, P, G, M, V, S, scalars, va, grain); break;
+      case 3: run<c10::BFloat16, float>(rule, n, numel, P, G, M, V, S, scalars, va, grain); break;
       default: return 3;
     }
   } catch (...) {
@@ -228,6 +236,8 @@ def _rule_name(rule: UpdateRule) -> str:
     name = f"{rule.direction}_sign{int(rule.sign)}_va{int(rule.variance_adaptation)}"
     if rule.sign and rule.variance_adaptation:  # M-SSD-VA's two factors (docs/algorithm.md §1.2)
         name += f"_{rule.sign_factor}"
+    if rule.needs_batch_variance:  # docs/algorithm.md §1.1
+        name += "_minibatch"
     return name
 
 
@@ -236,19 +246,19 @@ def source() -> str:
     """The complete C++ source, generated from ``_update_math`` for every rule."""
     parts = [_HEADER]
     dispatch = []
-    for index, rule in enumerate(RULES):
+    for index, rule in enumerate(KERNEL_RULES):
         name = _rule_name(rule)
         parts.append(
             _RULE_TEMPLATE.replace("NAME", name)
             .replace("BODY_VA", _body(rule, True) if rule.variance_adaptation else "(void)0;")
             .replace("BODY_PLAIN", _body(rule, False))
         )
-        args = "len, P, G, M, V, grad_sign, one_minus_beta, beta, kappa, upper, neg_scale"
+        args = "len, P, G, M, V, S, grad_sign, one_minus_beta, beta, kappa, upper, neg_scale, var_decay, var_weight"
         dispatch.append(
             f"          case {index}: if (va) body_{name}<T, C, true>({args}); "
             f"else body_{name}<T, C, false>({args}); break;"
         )
-    parts.append(_FOOTER.replace("DISPATCH", "\n".join(dispatch)).replace("NRULES", str(len(RULES))))
+    parts.append(_FOOTER.replace("DISPATCH", "\n".join(dispatch)).replace("NRULES", str(len(KERNEL_RULES))))
     return "".join(parts)
 
 
@@ -336,7 +346,7 @@ def _load():
     library = ctypes.CDLL(target)
     function = library.lightning_msvag_step
     function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 6 + [
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 7 + [
         ctypes.c_int, ctypes.c_int64
     ]
     loads += 1
@@ -389,13 +399,14 @@ def _reset() -> None:
     _compiler.cache_clear()
 
 
-_RULE_INDEX = {rule: i for i, rule in enumerate(RULES)}
+_RULE_INDEX = {rule: i for i, rule in enumerate(KERNEL_RULES)}
 _DATA_PTR = torch.Tensor.data_ptr
 
 
-def _step(rule, dtype, params, grads, exp_avgs, exp_avg_sqs, c: Coefficients, grain: int) -> None:
+def _step(rule, dtype, params, grads, exp_avgs, exp_avg_sqs, c: Coefficients, grain: int,
+          batch_variances=None) -> None:
     """One kernel call over lists of contiguous CPU tensors of one dtype (``None`` lists for
-    buffers the rule does not keep)."""
+    buffers the rule does not keep; ``batch_variances``: σ̂² for the mini-batch rules)."""
     n = len(params)
     numels = array.array("q", map(torch.Tensor.numel, params))
     pointers = array.array("q", map(_DATA_PTR, params))
@@ -404,13 +415,18 @@ def _step(rule, dtype, params, grads, exp_avgs, exp_avg_sqs, c: Coefficients, gr
         pointers.extend(map(_DATA_PTR, exp_avgs))
     if exp_avg_sqs is not None:
         pointers.extend(map(_DATA_PTR, exp_avg_sqs))
+    if batch_variances is not None:
+        pointers.extend(map(_DATA_PTR, batch_variances))
     base = pointers.buffer_info()[0]
     width = pointers.itemsize * n
     m_at = base + 2 * width if exp_avgs is not None else None
     v_at = base + (3 if exp_avgs is not None else 2) * width if exp_avg_sqs is not None else None
-    scalars = array.array("d", [c.grad_sign, c.one_minus_beta, c.beta, c.kappa, c.upper, c.neg_scale])
+    rows = 2 + (exp_avgs is not None) + (exp_avg_sqs is not None)
+    s_at = base + rows * width if batch_variances is not None else None
+    scalars = array.array("d", [c.grad_sign, c.one_minus_beta, c.beta, c.kappa, c.upper, c.neg_scale,
+                                c.var_decay, c.var_weight])
     status = _library(
-        _RULE_INDEX[rule], DTYPES[dtype], n, numels.buffer_info()[0], base, base + width, m_at, v_at,
+        _RULE_INDEX[rule], DTYPES[dtype], n, numels.buffer_info()[0], base, base + width, m_at, v_at, s_at,
         scalars.buffer_info()[0], int(c.va), grain,
     )
     if status != 0:

@@ -302,10 +302,10 @@ def _batch_variances_of(params: Sequence[Tensor]) -> List[Tensor]:
 
 
 def _minibatch_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, batch_variances, foreach, rule, lr, beta,
-                      maximize):
+                      maximize, tile_numel):
     """Rules with ``variance="minibatch"`` (docs/algorithm.md §1.1): the one ``_update_math`` with the extra
-    operand σ̂². Single-tensor (``foreach=False``) or multi-tensor (bucketed by device, dtype and step),
-    whole tensors. There is no generated kernel for them: ``fused=True`` runs the multi-tensor path."""
+    operand σ̂². Single-tensor (``foreach=False``) or multi-tensor (bucketed by device, dtype and step), on
+    CPU in tiles as the other rules' paths. ``fused=True`` goes to :func:`_fused_minibatch_update`."""
     if len(batch_variances) != len(params):
         raise ValueError(f"{len(batch_variances)} batch variances for {len(params)} parameters")
     buckets: dict = {}
@@ -315,19 +315,30 @@ def _minibatch_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, batch_vari
         first = params[indices[0]]
         compute = _compute_dtype(first.dtype)
         c = _coefficients(rule, lr, beta, steps[indices[0]], maximize)
-        p, g, m, v, s = ([lst[i] for i in indices] for lst in (params, grads, exp_avgs, exp_avg_sqs, batch_variances))
-        low_precision = first.dtype in _LOW_PRECISION
-        s = [x.to(device=first.device, dtype=compute) for x in s]  # only read
-        work = [[x.float() for x in t] for t in (p, g, m, v)] if low_precision else [p, g, m, v]
-        if foreach:
-            new = _update_math(rule, _ForeachOps(compute), c, *work, s)
-            pairs = list(zip((p, m, v), new))
+        lists = [[lst[i] for i in indices] for lst in (params, grads, exp_avgs, exp_avg_sqs)]
+        # σ̂² is only read: in the compute dtype (a copy only where the dtype or device differs)
+        lists.append([batch_variances[i].to(device=first.device, dtype=compute) for i in indices])
+        if first.device.type != "cpu" or tile_numel is None:
+            groups = [list(zip(*lists))]
+        elif foreach:
+            groups = _tile_groups(lists, tile_numel)
         else:
-            new = _update_math(rule, _TensorOps(compute), c, *(t[0] for t in work), s[0])
-            pairs = [([dst[0]], [src]) for dst, src in zip((p, m, v), new)]
-        if low_precision:
-            for dst, src in pairs:
-                torch._foreach_copy_(dst, src)  # one rounding to the 16-bit dtype
+            groups = [[chunk] for chunk in _flat_chunks(next(zip(*lists)), tile_numel)] if _can_tile(
+                next(zip(*lists)), tile_numel) else [list(zip(*lists))]
+        ops = _ForeachOps(compute) if foreach else _TensorOps(compute)
+        for group in groups:
+            p, g, m, v, s = (list(t) for t in zip(*group))
+            low_precision = first.dtype in _LOW_PRECISION
+            work = [[x.float() for x in t] for t in (p, g, m, v)] if low_precision else [p, g, m, v]
+            if foreach:
+                new = _update_math(rule, ops, c, *work, s)
+                pairs = list(zip((p, m, v), new))
+            else:
+                new = _update_math(rule, ops, c, *(t[0] for t in work), s[0])
+                pairs = [([dst[0]], [src]) for dst, src in zip((p, m, v), new)]
+            if low_precision:
+                for dst, src in pairs:
+                    torch._foreach_copy_(dst, src)  # one rounding to the 16-bit dtype
 
 
 # --------------------------------------------------------------------------------------
@@ -403,6 +414,36 @@ def _fused_cpu_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, 
         )
 
 
+def _fused_minibatch_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, batch_variances, foreach, rule, lr,
+                            beta, maximize, tile_numel):
+    """Mini-batch rules through the generated C++ kernel (its extra operand S = σ̂²): one call per
+    (step, dtype) bucket; tensors it cannot take, or everything when it cannot be built, take
+    :func:`_minibatch_update`'s multi-tensor path."""
+    kernel = _cpu_kernel.kernel()
+    if len(batch_variances) != len(params):
+        raise ValueError(f"{len(batch_variances)} batch variances for {len(params)} parameters")
+    buckets: dict = {}
+    rest = []
+    for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, batch_variances)):
+        if kernel is not None and p.dtype in _cpu_kernel.DTYPES and all(
+            t.is_cpu and t.dtype == p.dtype and t.is_contiguous() for t in (p, g, m, v, s)
+        ):
+            buckets.setdefault((steps[i], p.dtype), []).append(i)
+        else:
+            rest.append(i)
+    for (step, dtype), indices in buckets.items():
+        kernel(
+            rule, dtype, *([lst[i] for i in indices] for lst in (params, grads, exp_avgs, exp_avg_sqs)),
+            _coefficients(rule, lr, beta, step, maximize), KERNEL_GRAIN, [batch_variances[i] for i in indices],
+        )
+    if rest:
+        _minibatch_update(
+            *([lst[i] for i in rest] for lst in (params, grads, exp_avgs, exp_avg_sqs, steps)),
+            batch_variances=[batch_variances[i] for i in rest], foreach=True, rule=rule, lr=lr, beta=beta,
+            maximize=maximize, tile_numel=tile_numel,
+        )
+
+
 def dissected_adam(
     params: List[Tensor],
     grads: List[Tensor],
@@ -427,8 +468,9 @@ def dissected_adam(
     paths; ``None`` processes whole tensors (as on CUDA). ``fused`` runs the generated C++
     kernel (CPU tensors only: a non-CPU tensor raises ``ValueError``).
     ``batch_variances``: σ̂² per tensor for ``variance="minibatch"`` rules (default: each
-    parameter's ``grad_batch_variance``; ``RuntimeError`` if one is missing). Those rules
-    have no generated kernel: ``fused=True`` runs them on the multi-tensor path.
+    parameter's ``grad_batch_variance``; ``RuntimeError`` if one is missing). The fused CPU
+    kernel takes σ̂² as its extra operand (it must have the parameter's dtype, else that
+    tensor takes the multi-tensor path).
     """
     if not params:
         return
@@ -447,10 +489,10 @@ def dissected_adam(
     else:
         update = _multi_tensor_update if foreach else _single_tensor_update
     if rule.needs_batch_variance:  # the extra operand σ̂² (docs/algorithm.md §1.1)
-        _minibatch_update(
+        (_fused_minibatch_update if fused else _minibatch_update)(
             params, grads, exp_avgs, exp_avg_sqs, steps,
             batch_variances=_batch_variances_of(params) if batch_variances is None else batch_variances,
-            foreach=foreach or fused, rule=rule, lr=lr, beta=beta, maximize=maximize,
+            foreach=foreach or fused, rule=rule, lr=lr, beta=beta, maximize=maximize, tile_numel=tile_numel,
         )
         return
     update(

@@ -245,7 +245,7 @@ class _VarianceChoice(_VarianceAdapted):
     :class:`~lightning_msvag.batch_variance.BatchVarianceEstimator` or
     :class:`~lightning_msvag.batch_variance_callback.BatchVarianceCallback`). Then
     :meth:`step` raises ``RuntimeError`` before changing anything if a parameter with a
-    gradient has none. The rule has no generated kernel: ``fused`` runs the multi-tensor path.
+    gradient has none. All paths take it, the fused CPU kernel included (σ̂² is its fifth operand).
     The instance's :attr:`rule` carries the choice (the class attribute is the default).
     """
 

@@ -113,9 +113,9 @@ class UpdateRule:
         return self.variance == "minibatch"
 
 
-#: Every rule of the generated kernels, in a fixed order (the C++ kernel is generated for each
-#: of them). Rules with ``variance="minibatch"`` (an extra operand) are not in it: the paths
-#: run them on the multi-tensor path (docs/algorithm.md §1.1).
+#: Every rule on the four operands (θ, g, m~, v~), in a fixed order (the generated kernels are
+#: built for each of them). Rules with ``variance="minibatch"`` (a fifth operand) are in
+#: :data:`MINIBATCH_RULES` (docs/algorithm.md §1.1).
 RULES = tuple(
     UpdateRule(direction, sign, va)
     for direction in ("momentum", "gradient")
@@ -127,6 +127,15 @@ RULES = tuple(
     for direction in ("momentum", "gradient")
     for sign_factor in ("erf", "sqrt")
 )
+
+#: The ``variance="minibatch"`` rules (docs/algorithm.md §1.1): one extra operand σ̂². The fused
+#: CPU kernel is generated for them too (``_cpu_kernel.KERNEL_RULES``); a backend without the
+#: extra operand leaves them to the multi-tensor path.
+MINIBATCH_RULES = tuple(
+    UpdateRule(direction, sign, True, "erf", "minibatch")
+    for direction in ("momentum", "gradient")
+    for sign in (False, True)
+) + tuple(UpdateRule(direction, True, True, "sqrt", "minibatch") for direction in ("momentum", "gradient"))
 
 
 def bias_correction(beta: float, step: int) -> float:
@@ -293,7 +302,7 @@ class UpdateOps(Protocol):
     def erf_(self, x: Value) -> Value:
         """x ← erf(x), in place on ``x`` (erf(∞) = 1)."""
 
-    # -- used by variance="minibatch" rules (docs/algorithm.md §1.1; not in the generated kernels) --
+    # -- used by variance="minibatch" rules (docs/algorithm.md §1.1; MINIBATCH_RULES) --
 
     def ema_(self, v: Value, x: Value, decay: Any, w: Any) -> Value:
         """v ← decay · v + w x, in place on ``v``."""
