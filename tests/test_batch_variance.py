@@ -288,3 +288,33 @@ def test_lightning_callback_refuses_gradient_accumulation():
     data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)
     with pytest.raises(BatchVarianceError, match="accumulate_grad_batches=2: the mini-batch variance needs one backward per step"):
         trainer.fit(_Tiny.make(), data)
+
+
+class _StridedConvNet(nn.Module):
+    """Strided, dilated and rectangular convolutions with asymmetric padding (the problems' are all stride 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, dilation=2, padding=(2, 1))
+        self.c = nn.Conv2d(4, 2, (3, 2), padding=(1, 0))
+        self.fc = nn.Linear(2 * 5 * 2, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))).flatten(1))
+
+    def regularizer(self):
+        return 0.01 * sum((p**2).sum() for p in self.parameters())
+
+
+def test_strided_dilated_and_rectangular_convolutions_match_per_example_passes():
+    """The per-example conv rule (unfold + bmm) with stride, dilation, rectangular kernels and
+    asymmetric padding against the brute force."""
+    torch.manual_seed(2)
+    model = _StridedConvNet().double()
+    x, y = torch.randn(5, 2, 9, 9, dtype=torch.float64), torch.tensor([0, 2, 1, 2, 0])
+    expected = _brute_force(model, x, y, seed=1)
+    _, result = _estimate(model, x, y, seed=1)
+    for p, (_, _, var) in expected.items():
+        assert var.abs().max() > 0
+        torch.testing.assert_close(result[p], var, rtol=1e-9, atol=1e-15)
