@@ -5,7 +5,7 @@ and (in submodules) PyTorch Lightning callbacks and a CLI. See docs/algorithm.md
 """
 
 from .functional import variance_adaptation_factor
-from .optimizers import MSGD, MSSD, MSVAG, SSD, SVAG, DissectedOptimizer
+from .optimizers import MSGD, MSSD, MSSDVA, MSVAG, SSD, SVAG, DissectedOptimizer
 from .registry import available_optimizers, build_optimizer
 from .rule import UpdateRule, bias_correction, variance_ratio
 
@@ -25,6 +25,7 @@ def __getattr__(name: str):
 __all__ = [
     "MSGD",
     "MSSD",
+    "MSSDVA",
     "MSVAG",
     "SVAG",
     "SSD",

@@ -111,6 +111,8 @@ class _Sym:
         return self.trace.new(f"-{self.name}")
 
     def __pow__(self, exponent) -> "_Sym":
+        if isinstance(exponent, float) and exponent == 0.5:  # √upper of the sign factor (rule._coefficients)
+            return self.trace.new(f"tl.sqrt({self.name})")
         # β^k with k the step counter: exact square-and-multiply over k's bits (_powi)
         if not isinstance(exponent, _Sym) or exponent.int_name is None:
             raise NotImplementedError("the kernel raises only to the step counter's power")
@@ -210,6 +212,20 @@ class _ElementOps:
     def add_(self, p, d, s):
         return self._new(f"{p} + {s} * {d}")
 
+    def rsub_scalar(self, x, s):
+        return self._new(f"{s} - {x}")
+
+    def sqrt_(self, x):
+        return self._new(f"tl.sqrt({x})")
+
+    def erf_(self, x):
+        return self._new(f"tl.math.erf({x})")
+
+    def ema_(self, v, x, decay, w):
+        # variance="minibatch" rules (an extra operand σ̂²) are not in RULES: the paths give
+        # them the multi-tensor path on CUDA (docs/algorithm.md §1.1); never traced here
+        raise NotImplementedError("the Triton kernel has no mini-batch variance operand")
+
 
 def _literal(x) -> str:
     """A Python number as a float literal of the generated source; other values (names) as they are."""
@@ -294,7 +310,10 @@ def NAME(table, gtable, n, lr, lr_hi, lr_lo, beta_hi, beta_lo, grad_scale, found
 
 
 def _rule_name(rule: UpdateRule, maximize: bool) -> str:
-    return f"step_{rule.direction}_sign{int(rule.sign)}_va{int(rule.variance_adaptation)}_max{int(maximize)}"
+    name = f"step_{rule.direction}_sign{int(rule.sign)}_va{int(rule.variance_adaptation)}"
+    if rule.sign and rule.variance_adaptation:  # M-SSD-VA's two factors (docs/algorithm.md §1.2)
+        name += f"_{rule.sign_factor}"
+    return f"{name}_max{int(maximize)}"
 
 
 def _pointer(row: str, name: str) -> List[str]:

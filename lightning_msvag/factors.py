@@ -31,12 +31,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .functional import variance_adaptation_factor
+from .functional import rule_variance_factor, variance_adaptation_factor
 from .rule import UpdateRule, bias_correction, variance_ratio
 
 __all__ = [
     "Factor", "MomentTracker", "UnreadableOptimizer", "read_factors", "dissected_factors", "adam_factors",
-    "is_untracked_dissected",
+    "is_untracked_dissected", "dissected_sign_factors",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -152,9 +152,30 @@ def dissected_factors(optimizer: Optimizer, tracker: Optional[MomentTracker] = N
             v = state["exp_avg_sq"] if adapted else tracker.second_moment(p, beta, k)
             if v is None:
                 continue
-            gamma = variance_adaptation_factor(state["exp_avg"], v, beta=beta, step=k, direction=direction)
+            if adapted and optimizer.rule.needs_batch_variance:  # v~ is the mini-batch buffer (§1.1)
+                gamma = rule_variance_factor(optimizer.rule, state["exp_avg"], v, beta=beta, step=k)
+            else:
+                gamma = variance_adaptation_factor(state["exp_avg"], v, beta=beta, step=k, direction=direction)
             lam = variance_ratio(beta, k) if direction == "momentum" else 1.0
             yield Factor(p, gamma, lam, 1)
+
+
+def dissected_sign_factors(optimizer: Optimizer) -> Iterator[Factor]:
+    """γ^s of a sign + variance-adaptation optimizer (M-SSD-VA, docs/algorithm.md §1.2), in
+    ``param_groups`` order: the factor its step applied to the sign. ``"sqrt"``: γ^s =
+    (1 + ρ η̂²)^(−1/2), λ = ρ, power 2; ``"erf"`` has no such form (λ, power of the γ it is
+    computed from, M-SVAG's: ρ, 1)."""
+    rule = optimizer.rule
+    for group in optimizer.param_groups:
+        beta = group["beta"]
+        for p in group["params"]:
+            found = _steps(optimizer, p, lambda s: int(s.item()))
+            if found is None:
+                continue
+            state, k = found
+            gamma = rule_variance_factor(rule, state["exp_avg"], state["exp_avg_sq"], beta=beta, step=k, sign_factor=True)
+            lam = variance_ratio(beta, k) if rule.direction == "momentum" else 1.0
+            yield Factor(p, gamma, lam, 2 if rule.sign_factor == "sqrt" else 1)
 
 
 def adam_factors(optimizer: Optimizer) -> Iterator[Factor]:

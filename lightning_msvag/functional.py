@@ -62,6 +62,7 @@ from .rule import (
     _coefficients,
     _gamma_coefficients,
     _gamma_math,
+    _sign_factor_math,
     _update_math,
     bias_correction,
     variance_ratio,
@@ -78,6 +79,7 @@ __all__ = [
     "dissected_adam",
     "fused_path_available",
     "fused_devices",
+    "rule_variance_factor",
 ]
 
 #: Elements per tile on CPU (single- and multi-tensor paths). 2**20 float32 values are
@@ -109,6 +111,10 @@ class _TensorOps:
     clamp_ = staticmethod(lambda x, lo, hi: x.clamp_(lo, hi))
     addcmul_ = staticmethod(lambda p, a, b, s: p.addcmul_(a, b, value=s))
     add_ = staticmethod(lambda p, d, s: p.add_(d, alpha=s))
+    rsub_scalar = staticmethod(lambda x, s: torch.rsub(x, s))
+    sqrt_ = staticmethod(lambda x: x.sqrt_())
+    erf_ = staticmethod(lambda x: x.erf_())
+    ema_ = staticmethod(lambda v, x, decay, w: v.mul_(decay).add_(x, alpha=w))
 
 
 class _ForeachOps:
@@ -139,6 +145,21 @@ class _ForeachOps:
         torch._foreach_clamp_max_(x, hi)
         return x
 
+    sqrt_ = staticmethod(lambda x: torch._foreach_sqrt_(x) or x)
+    erf_ = staticmethod(lambda x: torch._foreach_erf_(x) or x)
+
+    @staticmethod
+    def rsub_scalar(x, s):
+        y = torch._foreach_neg(x)
+        torch._foreach_add_(y, s)
+        return y
+
+    @staticmethod
+    def ema_(v, x, decay, w):
+        torch._foreach_mul_(v, decay)
+        torch._foreach_add_(v, x, alpha=w)
+        return v
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
@@ -164,6 +185,30 @@ def variance_adaptation_factor(
     kappa, upper = _gamma_coefficients(rule, beta, step)
     m, v = exp_avg.to(compute), exp_avg_sq.to(compute)
     return _gamma_math(_TensorOps(compute), m, v, kappa, upper).div_(upper)
+
+
+def rule_variance_factor(rule: UpdateRule, exp_avg: Tensor, exp_avg_sq: Tensor, *, beta: float, step: int,
+                         sign_factor: bool = False) -> Tensor:
+    """γ of the step ``step`` of any variance-adapted ``rule`` from its buffers m~, v~.
+
+    The γ of :func:`variance_adaptation_factor`, for every rule: with ``variance="minibatch"``
+    v~ holds the mini-batch buffer (docs/algorithm.md §1.1), and γ is a real estimate at
+    k = 1 too. For a sign rule this is the non-sign rule's γ = 1/(1 + η²) unless
+    ``sign_factor=True``, which gives the factor γ^s the sign step applied (erf or √γ,
+    docs/algorithm.md §1.2). Values in [0, 1], 0 where m = v = 0; float32 for 16-bit inputs.
+    """
+    if not rule.variance_adaptation:
+        raise ValueError(f"{rule} has no variance adaptation")
+    compute = _compute_dtype(exp_avg.dtype)
+    if step == 1 and not rule.needs_batch_variance:
+        return (exp_avg != 0).to(compute)  # s = 0: γ = 1 (and γ^s = 1) wherever m ≠ 0
+    kappa, upper = _gamma_coefficients(rule, beta, step)
+    ops = _TensorOps(compute)
+    gamma = _gamma_math(ops, exp_avg.to(compute), exp_avg_sq.to(compute), kappa, upper)
+    if sign_factor and rule.sign:
+        gamma = _sign_factor_math(ops, gamma, upper, rule.sign_factor)
+        return gamma.div_(math.sqrt(upper)) if rule.sign_factor == "sqrt" else gamma
+    return gamma.div_(upper)
 
 
 # --------------------------------------------------------------------------------------
@@ -269,6 +314,57 @@ def _multi_tensor_update(
                         torch._foreach_copy_(dst, src)  # one rounding to the 16-bit dtype
             else:
                 _update_math(rule, ops, c, p, g, m, v)
+
+
+def _batch_variances_of(params: Sequence[Tensor]) -> List[Tensor]:
+    """σ̂² of each parameter, left by :class:`~lightning_msvag.batch_variance.BatchVarianceEstimator`."""
+    found = [getattr(p, "grad_batch_variance", None) for p in params]
+    if any(s is None for s in found):
+        raise RuntimeError(
+            "this update needs the mini-batch variance estimate (p.grad_batch_variance): record the backward "
+            "pass with lightning_msvag.batch_variance.BatchVarianceEstimator or add BatchVarianceCallback"
+        )
+    return found
+
+
+def _minibatch_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, batch_variances, foreach, rule, lr, beta,
+                      maximize, tile_numel):
+    """Rules with ``variance="minibatch"`` (docs/algorithm.md §1.1): the one ``_update_math`` with the extra
+    operand σ̂². Single-tensor (``foreach=False``) or multi-tensor (bucketed by device, dtype and step), on
+    CPU in tiles as the other rules' paths. ``fused=True`` goes to :func:`_fused_minibatch_update`."""
+    if len(batch_variances) != len(params):
+        raise ValueError(f"{len(batch_variances)} batch variances for {len(params)} parameters")
+    buckets: dict = {}
+    for i, (p, step) in enumerate(zip(params, steps)):
+        buckets.setdefault((p.device, p.dtype, step) if foreach else i, []).append(i)
+    for indices in buckets.values():
+        first = params[indices[0]]
+        compute = _compute_dtype(first.dtype)
+        c = _coefficients(rule, lr, beta, steps[indices[0]], maximize)
+        lists = [[lst[i] for i in indices] for lst in (params, grads, exp_avgs, exp_avg_sqs)]
+        # σ̂² is only read: in the compute dtype (a copy only where the dtype or device differs)
+        lists.append([batch_variances[i].to(device=first.device, dtype=compute) for i in indices])
+        if first.device.type != "cpu" or tile_numel is None:
+            groups = [list(zip(*lists))]
+        elif foreach:
+            groups = _tile_groups(lists, tile_numel)
+        else:
+            groups = [[chunk] for chunk in _flat_chunks(next(zip(*lists)), tile_numel)] if _can_tile(
+                next(zip(*lists)), tile_numel) else [list(zip(*lists))]
+        ops = _ForeachOps(compute) if foreach else _TensorOps(compute)
+        for group in groups:
+            p, g, m, v, s = (list(t) for t in zip(*group))
+            low_precision = first.dtype in _LOW_PRECISION
+            work = [[x.float() for x in t] for t in (p, g, m, v)] if low_precision else [p, g, m, v]
+            if foreach:
+                new = _update_math(rule, ops, c, *work, s)
+                pairs = list(zip((p, m, v), new))
+            else:
+                new = _update_math(rule, ops, c, *(t[0] for t in work), s[0])
+                pairs = [([dst[0]], [src]) for dst, src in zip((p, m, v), new)]
+            if low_precision:
+                for dst, src in pairs:
+                    torch._foreach_copy_(dst, src)  # one rounding to the 16-bit dtype
 
 
 # --------------------------------------------------------------------------------------
@@ -403,6 +499,36 @@ def _fused_cpu_update(
         )
 
 
+def _fused_minibatch_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, batch_variances, foreach, rule, lr,
+                            beta, maximize, tile_numel):
+    """Mini-batch rules through the generated C++ kernel (its extra operand S = σ̂²): one call per
+    (step, dtype) bucket; tensors it cannot take, or everything when it cannot be built, take
+    :func:`_minibatch_update`'s multi-tensor path."""
+    kernel = _cpu_kernel.kernel()
+    if len(batch_variances) != len(params):
+        raise ValueError(f"{len(batch_variances)} batch variances for {len(params)} parameters")
+    buckets: dict = {}
+    rest = []
+    for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, batch_variances)):
+        if kernel is not None and p.dtype in _cpu_kernel.DTYPES and all(
+            t.is_cpu and t.dtype == p.dtype and t.is_contiguous() for t in (p, g, m, v, s)
+        ):
+            buckets.setdefault((steps[i], p.dtype), []).append(i)
+        else:
+            rest.append(i)
+    for (step, dtype), indices in buckets.items():
+        kernel(
+            rule, dtype, *([lst[i] for i in indices] for lst in (params, grads, exp_avgs, exp_avg_sqs)),
+            _coefficients(rule, lr, beta, step, maximize), KERNEL_GRAIN, [batch_variances[i] for i in indices],
+        )
+    if rest:
+        _minibatch_update(
+            *([lst[i] for i in rest] for lst in (params, grads, exp_avgs, exp_avg_sqs, steps)),
+            batch_variances=[batch_variances[i] for i in rest], foreach=True, rule=rule, lr=lr, beta=beta,
+            maximize=maximize, tile_numel=tile_numel,
+        )
+
+
 def dissected_adam(
     params: List[Tensor],
     grads: List[Tensor],
@@ -419,6 +545,7 @@ def dissected_adam(
     tile_numel: Optional[int] = CPU_TILE_NUMEL,
     grad_scale: Optional[Union[float, Tensor]] = None,
     found_inf: Optional[Tensor] = None,
+    batch_variances: Optional[List[Tensor]] = None,
 ) -> None:
     """One in-place step of the family member ``rule`` on a list of tensors (docs/algorithm.md §1).
 
@@ -431,15 +558,21 @@ def dissected_adam(
     stepped as (real, imaginary) pairs. ``grad_scale``: the gradients are divided by it
     inside the update (AMP); ``found_inf`` nonzero: nothing is updated (the caller's step
     counts are its own). Everything is checked before any tensor is written.
+    ``batch_variances``: σ̂² per tensor for ``variance="minibatch"`` rules (default: each
+    parameter's ``grad_batch_variance``; ``RuntimeError`` if one is missing). The fused CPU
+    kernel takes σ̂² as its extra operand (it must have the parameter's dtype, else that
+    tensor takes the multi-tensor path); the CUDA kernel has no such operand (multi-tensor).
     """
     if not params:
         return
     _check_step_inputs(params, grads, lr=lr, foreach=foreach, fused=fused)
     if found_inf is not None and _amp_found_inf(found_inf):
         return
+    if rule.needs_batch_variance and grad_scale is not None:
+        raise RuntimeError("the mini-batch variance estimate does not take a GradScaler's scaled gradients")
     _run_step(
         params, grads, exp_avgs, exp_avg_sqs, steps, rule=rule, lr=lr, beta=beta, maximize=maximize,
-        foreach=foreach, fused=fused, tile_numel=tile_numel, grad_scale=grad_scale,
+        foreach=foreach, fused=fused, tile_numel=tile_numel, grad_scale=grad_scale, batch_variances=batch_variances,
     )
 
 
@@ -522,10 +655,17 @@ def _real_views(params, grads, exp_avgs, exp_avg_sqs):
 
 def _run_step(
     params, grads, exp_avgs, exp_avg_sqs, steps, *, rule, lr, beta, maximize, foreach, fused, tile_numel,
-    grad_scale=None,
+    grad_scale=None, batch_variances=None,
 ) -> None:
     """:func:`dissected_adam` after its checks (the optimizers check every group first)."""
     if not params:
+        return
+    if rule.needs_batch_variance:  # the extra operand σ̂² (docs/algorithm.md §1.1); no complex support
+        (_fused_minibatch_update if fused else _minibatch_update)(
+            params, grads, exp_avgs, exp_avg_sqs, steps,
+            batch_variances=_batch_variances_of(params) if batch_variances is None else batch_variances,
+            foreach=foreach or fused, rule=rule, lr=float(lr), beta=beta, maximize=maximize, tile_numel=tile_numel,
+        )
         return
     params, grads, exp_avgs, exp_avg_sqs = _real_views(params, grads, exp_avgs, exp_avg_sqs)
     if fused and _device_kernel_for(params):

@@ -31,6 +31,7 @@ update and a step with ``found_inf`` is skipped).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -38,12 +39,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .factors import dissected_factors
 from . import functional as F
+from .factors import dissected_factors, dissected_sign_factors
 from .functional import CPU_TILE_NUMEL, fused_path_available
 from .rule import UpdateRule
 
-__all__ = ["DissectedOptimizer", "MSGD", "MSSD", "MSVAG", "SVAG", "SSD"]
+__all__ = ["DissectedOptimizer", "MSGD", "MSSD", "MSVAG", "SVAG", "SSD", "MSSDVA"]
 
 
 def _default_paths(params: List[Tensor], foreach: Optional[bool], fused: Optional[bool], rule: UpdateRule):
@@ -352,6 +353,74 @@ class _VarianceAdapted(DissectedOptimizer):
         return [factor.gamma for factor in dissected_factors(self)]
 
 
+class _VarianceChoice(_VarianceAdapted):
+    """The constructor switch ``variance`` of the variance-adapted members (docs/algorithm.md §1.1).
+
+    ``variance="moving_average"`` (default): the paper's estimate from m~ and v~.
+    ``variance="minibatch"``: the mini-batch estimate σ̂² of each step, read from every
+    parameter's ``grad_batch_variance`` (left there by
+    :class:`~lightning_msvag.batch_variance.BatchVarianceEstimator` or
+    :class:`~lightning_msvag.batch_variance_callback.BatchVarianceCallback`). Then
+    :meth:`step` raises ``RuntimeError`` before changing anything if a parameter with a
+    gradient has none. All paths take it, the fused CPU kernel included (σ̂² is its fifth operand).
+    The instance's :attr:`rule` carries the choice (the class attribute is the default).
+    """
+
+    #: constructor argument -> UpdateRule field (what :meth:`rule_for` maps)
+    _RULE_ARGS = {"variance": "variance"}
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, beta: float = 0.9, *,
+                 variance: str = "moving_average", **kwargs) -> None:
+        self.rule = type(self).rule_for(variance=variance)
+        super().__init__(params, lr, beta, **kwargs)
+
+    @classmethod
+    def rule_for(cls, **init_args) -> UpdateRule:
+        """The :class:`~lightning_msvag.rule.UpdateRule` an instance built with ``init_args`` runs
+        (the method table's rows with ``init_args`` read it). ``ValueError`` for a bad value."""
+        fields = {cls._RULE_ARGS[k]: v for k, v in init_args.items() if k in cls._RULE_ARGS}
+        return dataclasses.replace(cls.rule, **fields)
+
+    @property
+    def needs_batch_variance(self) -> bool:
+        """Whether each step needs ``p.grad_batch_variance`` (e.g. for the CLI to add the
+        :class:`~lightning_msvag.batch_variance_callback.BatchVarianceCallback`)."""
+        return self.rule.needs_batch_variance
+
+    def _check_batch_variance(self) -> None:
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                s = getattr(p, "grad_batch_variance", None)
+                if s is None or s.shape != p.shape:
+                    raise RuntimeError(
+                        f"{type(self).__name__}(variance='minibatch') needs the mini-batch variance estimate "
+                        f"(parameter {pi} of group {gi} has {'none' if s is None else 'one of the wrong shape'}): "
+                        "record the backward pass with lightning_msvag.batch_variance.BatchVarianceEstimator "
+                        "or add BatchVarianceCallback"
+                    )
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        """One step; with ``variance="minibatch"`` every parameter with a gradient must carry
+        ``grad_batch_variance`` (checked after ``closure``, before anything changes)."""
+        if not self.rule.needs_batch_variance:
+            return super().step(closure)
+        loss = None
+        if closure is not None:  # the closure's backward pass is what records the estimate
+            with torch.enable_grad():
+                loss = closure()
+        self._check_batch_variance()
+        if getattr(self, "grad_scale", None) is not None:  # before anything changes
+            raise RuntimeError(
+                f"{type(self).__name__}(variance='minibatch'): the mini-batch variance estimate does not take a "
+                "GradScaler's scaled gradients (16-mixed); train in 32 or bf16-mixed"
+            )
+        super().step()
+        return loss
+
+
 class MSGD(DissectedOptimizer):
     """M-SGD: momentum SGD with bias-corrected moving average, θ ← θ − α m (docs/algorithm.md §1).
 
@@ -371,20 +440,27 @@ class MSSD(DissectedOptimizer):
     rule = UpdateRule(direction="momentum", sign=True, variance_adaptation=False)
 
 
-class MSVAG(_VarianceAdapted):
+class MSVAG(_VarianceChoice):
     """M-SVAG: variance-adapted momentum SGD, θ ← θ − α γ ⊙ m with γ = m²/(m² + ρ s).
 
     Paper §4 (Alg. 1 and 2) / docs/algorithm.md §1. The first step (k = 1) is an SGD step α g; γ ∈ [0, 1], and
     γ = 0 (no update) where m = v = 0. Two buffers per parameter.
+
+    ``MSVAG(params, lr, beta, variance="minibatch")``: γ = m²/(m² + var̂[m]) with the
+    mini-batch estimate var̂[m] = u/(1−β^k)², u ← β² u + (1−β)² σ̂² (kept in ``exp_avg_sq``;
+    docs/algorithm.md §1.1); needs ``p.grad_batch_variance`` every step (see :class:`_VarianceChoice`).
     """
 
     rule = UpdateRule(direction="momentum", sign=False, variance_adaptation=True)
 
 
-class SVAG(_VarianceAdapted):
+class SVAG(_VarianceChoice):
     """SVAG: variance adaptation on the raw gradient, θ ← θ − α γ ⊙ g, γ = m²/(m² + s).
 
     docs/algorithm.md §1. Two buffers per parameter.
+
+    ``SVAG(params, lr, beta, variance="minibatch")``: γ = m²/(m² + σ̂²) with this step's
+    mini-batch estimate σ̂² of var[g] (kept in ``exp_avg_sq``; docs/algorithm.md §1.1).
     """
 
     rule = UpdateRule(direction="gradient", sign=False, variance_adaptation=True)
@@ -399,6 +475,36 @@ class SSD(DissectedOptimizer):
     """
 
     rule = UpdateRule(direction="gradient", sign=True, variance_adaptation=False)
+
+
+class MSSDVA(_VarianceChoice):
+    """M-SSD-VA: sign descent on the momentum with variance adaptation, θ ← θ − α γ^s ⊙ sign(m~).
+
+    The fourth corner of the paper's 2×2 (Fig. 1) with the paper's own estimator
+    (docs/algorithm.md §1.2): η² = ρ s / m² is the relative variance of m, and
+    ``factor="erf"`` (default) applies the optimal γ^s = erf[(√2 η)⁻¹] (paper §3.1),
+    ``factor="sqrt"`` Adam's implicit γ^s = (1 + η²)^−½ (paper Fig. 3). Not Adam: one β,
+    no ε, the bias-corrected variance estimate of M-SVAG. γ^s = 0 where m = v = 0; at
+    k = 1 (s = 0) γ^s = 1, an M-SSD step. ``variance="minibatch"`` takes var[m] from the
+    mini-batch estimate instead (docs/algorithm.md §1.1).
+
+    :meth:`variance_adaptation_factors` (and the γ monitor) report M-SVAG's
+    γ = 1/(1 + η²) of the same state, the family's common scale; :meth:`sign_factors`
+    the γ^s the step applied.
+    """
+
+    rule = UpdateRule(direction="momentum", sign=True, variance_adaptation=True, sign_factor="erf")
+    _RULE_ARGS = {"variance": "variance", "factor": "sign_factor"}
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, beta: float = 0.9, *, factor: str = "erf",
+                 variance: str = "moving_average", **kwargs) -> None:
+        self.rule = type(self).rule_for(factor=factor, variance=variance)
+        super(_VarianceChoice, self).__init__(params, lr, beta, **kwargs)
+
+    @torch.no_grad()
+    def sign_factors(self) -> List[Tensor]:
+        """γ^s of the latest step per parameter with state, in ``param_groups`` order (read-only)."""
+        return [factor.gamma for factor in dissected_sign_factors(self)]
 
 
 def _step_tensor(step) -> Tensor:

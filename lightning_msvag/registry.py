@@ -41,7 +41,10 @@ class Method:
         default_lr: the starting step size in ``configs/optimizers/<config>.yaml``.
         default_grid: the benchmark's default step-size grid, ``lo:hi:n`` (log-spaced).
         in_paper_benchmark: one of the four methods of the paper's §6 comparison.
-        init_args: further constructor arguments written into the config (Adam's β's, ε).
+        init_args: further constructor arguments written into the config (Adam's β's, ε,
+            ``variance="minibatch"``). The benchmark runner passes only the class to
+            ``--optimizer``, so rows whose ``init_args`` change the rule have no ``default_grid``
+            (they are not benchmark methods until the runner passes them).
         config: file stem in ``configs/optimizers``.
         family: only for a class without a :class:`~lightning_msvag.rule.UpdateRule`
             (``torch.optim``'s Adam and SGD): its place in the paper's 2×2 family,
@@ -66,8 +69,18 @@ class Method:
 
     @property
     def rule(self) -> Optional[UpdateRule]:
-        """The class's :class:`~lightning_msvag.rule.UpdateRule`; ``None`` for ``torch.optim`` classes."""
+        """The :class:`~lightning_msvag.rule.UpdateRule` the row's optimizer runs (its class's, with the
+        row's ``init_args`` applied, e.g. ``variance="minibatch"``); ``None`` for ``torch.optim`` classes."""
+        rule_for = getattr(self.cls, "rule_for", None)
+        if rule_for is not None:
+            return rule_for(**self.init_args)
         return getattr(self.cls, "rule", None)
+
+    @property
+    def needs_batch_variance(self) -> bool:
+        """Needs the mini-batch variance estimate each step (``BatchVarianceCallback``, docs/algorithm.md §1.1)."""
+        rule = self.rule
+        return rule is not None and rule.needs_batch_variance
 
     @property
     def sign(self) -> bool:
@@ -98,6 +111,22 @@ METHODS: Tuple[Method, ...] = (
            base="m-sgd", default_lr=0.1, default_grid="0.01:10:7", in_paper_benchmark=True, config="msvag"),
     Method("svag", "lightning_msvag.SVAG", "SVAG: variance adaptation on the raw gradient, θ ← θ − α γ ⊙ g",
            base="sgd", default_lr=0.1, default_grid="0.01:10:7", in_paper_benchmark=False, config="svag"),
+    Method("m-ssd-va", "lightning_msvag.MSSDVA",
+           "M-SSD-VA: M-SSD with variance adaptation, θ ← θ − α γ^s ⊙ sign(m~), γ^s = erf[(√2 η)⁻¹] (paper §3.1)",
+           base="m-ssd", default_lr=0.001, default_grid="1e-5:1e-2:7", in_paper_benchmark=False, config="mssdva",
+           init_args={"factor": "erf"}),
+    Method("m-ssd-va-sqrt", "lightning_msvag.MSSDVA",
+           "M-SSD-VA with Adam's factor γ^s = (1 + η²)^(-1/2) (paper Fig. 3)",
+           base="m-ssd", default_lr=0.001, default_grid=None, in_paper_benchmark=False,
+           config="mssdva_sqrt", init_args={"factor": "sqrt"}),
+    Method("m-svag-mb", "lightning_msvag.MSVAG",
+           "M-SVAG with the mini-batch variance estimate (paper §4.1); needs BatchVarianceCallback",
+           base="m-sgd", default_lr=0.1, default_grid=None, in_paper_benchmark=False, config="msvag_mb",
+           init_args={"variance": "minibatch"}),
+    Method("svag-mb", "lightning_msvag.SVAG",
+           "SVAG with the mini-batch variance estimate (paper §4.1); needs BatchVarianceCallback",
+           base="sgd", default_lr=0.1, default_grid=None, in_paper_benchmark=False, config="svag_mb",
+           init_args={"variance": "minibatch"}),
     Method("ssd", "lightning_msvag.SSD", "SSD: sign descent on the raw gradient, θ ← θ − α sign(g) (paper §2, §5)",
            base=None, default_lr=0.001, default_grid="1e-5:1e-2:7", in_paper_benchmark=False, config="ssd"),
     Method("adam", "torch.optim.Adam", "Adam with the paper's settings: β1 = 0.9, β2 = 0.999, ε = 1e-8",
@@ -149,6 +178,8 @@ def _yaml_value(value: Any) -> str:
     """A number or list of numbers as YAML 1.1 reads it back (``1.0e-08``, not ``1e-08``)."""
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    if isinstance(value, str) and value.isidentifier():
+        return value  # a plain word (``minibatch``, ``erf``) is a YAML string as it stands
     text = repr(value)
     mantissa, _, exponent = text.partition("e")
     if exponent and "." not in mantissa:

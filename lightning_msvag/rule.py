@@ -13,9 +13,13 @@ M-SSD      momentum     yes    no
 M-SVAG     momentum     no     yes
 SVAG       gradient     no     yes
 SSD        gradient     yes    no     (no moving average at all)
+M-SSD-VA   momentum     yes    yes    (the paper's estimator; ``sign_factor`` erf or sqrt)
 =========  ===========  =====  ===================
 
-(Adam is momentum + sign + variance adaptation; the project uses ``torch.optim.Adam`` for it.)
+(Adam is momentum + sign + variance adaptation with its own estimator (β2, ε); the project
+uses ``torch.optim.Adam`` for it. M-SSD-VA is the same corner with the paper's estimator,
+docs/algorithm.md §1.2.) ``variance="minibatch"`` swaps the moving-average variance estimate
+of a variance-adapted rule for the mini-batch one (docs/algorithm.md §1.1).
 
 One definition of the math
 --------------------------
@@ -63,21 +67,36 @@ class UpdateRule:
             sign(m~) for M-SSD, sign(g) for SSD.
         variance_adaptation: scale each coordinate by the factor
             γ = m² / (m² + var), with var the estimated variance of the update direction
-            (paper Lemma 1, docs/algorithm.md §1).
+            (paper Lemma 1, docs/algorithm.md §1). With ``sign``, the factor of a sign
+            update instead (see ``sign_factor``).
+        sign_factor: only for ``sign`` + ``variance_adaptation`` (docs/algorithm.md §1.2):
+            the factor γ^s applied to the sign, from the relative variance η² = var/m² of the
+            direction (1 + η² = 1/γ, γ the non-sign rule's factor): ``"erf"`` the optimal
+            erf[(√2 η)⁻¹] = erf(√(γ / (2(1−γ)))) (paper §3.1), ``"sqrt"`` Adam's implicit
+            (1 + η²)^−½ = √γ (paper Fig. 3).
+        variance: where var comes from, for ``variance_adaptation``: ``"moving_average"``
+            (the paper's estimate from m~ and v~, docs/algorithm.md §1) or ``"minibatch"``
+            (the mini-batch estimate σ̂² of each step, an extra operand; docs/algorithm.md §1.1).
     """
 
     direction: str = "momentum"
     sign: bool = False
     variance_adaptation: bool = False
+    sign_factor: str = "erf"
+    variance: str = "moving_average"
 
     def __post_init__(self) -> None:
         if self.direction not in ("momentum", "gradient"):
             raise ValueError(f"direction must be 'momentum' or 'gradient', got {self.direction!r}")
-        if self.sign and self.variance_adaptation:
-            raise ValueError(
-                "sign + variance adaptation is Adam: use torch.optim.Adam "
-                "(lightning_msvag.build_optimizer('adam', ...))"
-            )
+        if self.sign_factor not in ("erf", "sqrt"):
+            raise ValueError(f"sign_factor must be 'erf' or 'sqrt', got {self.sign_factor!r}")
+        if self.sign_factor != "erf" and not (self.sign and self.variance_adaptation):
+            # one spelling per rule: RULES and the kernel's dispatch are keyed by the rule
+            raise ValueError("sign_factor applies to sign + variance adaptation only")
+        if self.variance not in ("moving_average", "minibatch"):
+            raise ValueError(f"variance must be 'moving_average' or 'minibatch', got {self.variance!r}")
+        if self.variance == "minibatch" and not self.variance_adaptation:
+            raise ValueError("variance='minibatch' applies to variance adaptation only")
 
     @property
     def needs_first_moment(self) -> bool:
@@ -88,15 +107,35 @@ class UpdateRule:
     def needs_second_moment(self) -> bool:
         return self.variance_adaptation
 
+    @property
+    def needs_batch_variance(self) -> bool:
+        """Each step needs the mini-batch variance estimate σ̂² as an extra operand (docs/algorithm.md §1.1)."""
+        return self.variance == "minibatch"
 
-#: Every valid rule, in a fixed order (the C++ kernel is generated for each of them).
+
+#: Every rule on the four operands (θ, g, m~, v~), in a fixed order (the generated kernels are
+#: built for each of them). Rules with ``variance="minibatch"`` (a fifth operand) are in
+#: :data:`MINIBATCH_RULES` (docs/algorithm.md §1.1).
 RULES = tuple(
     UpdateRule(direction, sign, va)
     for direction in ("momentum", "gradient")
     for sign in (False, True)
     for va in (False, True)
     if not (sign and va)
+) + tuple(  # sign + variance adaptation (docs/algorithm.md §1.2); appended, so earlier indices keep
+    UpdateRule(direction, True, True, sign_factor)
+    for direction in ("momentum", "gradient")
+    for sign_factor in ("erf", "sqrt")
 )
+
+#: The ``variance="minibatch"`` rules (docs/algorithm.md §1.1): one extra operand σ̂². The fused
+#: CPU kernel is generated for them too (``_cpu_kernel.KERNEL_RULES``); a backend without the
+#: extra operand leaves them to the multi-tensor path.
+MINIBATCH_RULES = tuple(
+    UpdateRule(direction, sign, True, "erf", "minibatch")
+    for direction in ("momentum", "gradient")
+    for sign in (False, True)
+) + tuple(UpdateRule(direction, True, True, "sqrt", "minibatch") for direction in ("momentum", "gradient"))
 
 
 class _FloatScalars:
@@ -147,6 +186,8 @@ class Coefficients(NamedTuple):
     ``va``: this step applies γ (variance adaptation at k ≥ 2; at k = 1, s = 0 exactly so
     γ = 1, docs/algorithm.md §1, and the step is a plain SGD step). In the generated C++
     the numeric fields are the names of the kernel's scalar arguments instead of numbers.
+    ``var_decay`` / ``var_weight``: only for ``variance="minibatch"`` rules, the second
+    buffer's update v~ ← var_decay · v~ + var_weight · σ̂² (docs/algorithm.md §1.1).
     """
 
     grad_sign: object  # the gradient multiplier: +1, −1 for maximize, divided by an AMP grad scale
@@ -156,6 +197,8 @@ class Coefficients(NamedTuple):
     upper: object
     neg_scale: object
     va: bool
+    var_decay: object = 0.0
+    var_weight: object = 0.0
 
 
 def _gamma_coefficients(rule: UpdateRule, beta: float, step: int, ops=_FLOATS):
@@ -170,12 +213,27 @@ def _gamma_coefficients(rule: UpdateRule, beta: float, step: int, ops=_FLOATS):
     Returns (κ, upper = 1/λ): the paths compute γ' = m~²/(v~ + κ m~²) clipped to
     [0, upper], which is γ/λ clipped to γ ∈ [0, 1].
     """
+    if rule.needs_batch_variance:
+        return _minibatch_gamma_coefficients(rule, beta, step)
     rho = variance_ratio(beta, step, ops)
     bc = bias_correction(beta, step)
     r = rho / (1.0 - rho) if rule.direction == "momentum" else 1.0 / (1.0 - rho)
     kappa = (1.0 - r) / (r * bc)
     upper = r * bc
     return kappa, upper
+
+
+def _minibatch_gamma_coefficients(rule: UpdateRule, beta: float, step: int):
+    """(κ, upper) of :func:`_gamma_coefficients` for ``variance="minibatch"`` (docs/algorithm.md §1.1).
+
+    Momentum: v~ holds u_k = β² u_{k−1} + (1−β)² σ̂²_k and var̂[m] = u/bc², so
+    γ = m²/(m² + var̂[m]) = m~²/(m~² + u): κ = 1, upper = 1. Gradient (SVAG): v~ holds σ̂²_k
+    of this step and γ = m²/(m² + σ̂²) = (1/bc²) m~²/(σ̂² + m~²/bc²): κ = 1/bc², upper = bc².
+    """
+    if rule.direction == "momentum":
+        return 1.0, 1.0
+    bc = bias_correction(beta, step)
+    return 1.0 / (bc * bc), bc * bc
 
 
 def _coefficients(
@@ -188,7 +246,9 @@ def _coefficients(
     selects per tensor on k > 1.
     """
     if va is None:
-        va = step > 1  # at k = 1, γ = 1 exactly (docs/algorithm.md §1)
+        # at k = 1 the moving-average s = 0 exactly, so γ = 1 (docs/algorithm.md §1); the
+        # mini-batch estimate is a real one from the first batch on (docs/algorithm.md §1.1)
+        va = rule.needs_batch_variance or step > 1
     va = rule.variance_adaptation and va
     kappa, upper = _gamma_coefficients(rule, beta, step, ops) if va else (0.0, 1.0)
     if rule.sign:
@@ -197,9 +257,15 @@ def _coefficients(
         scale = lr / bias_correction(beta, step)  # m = m~ / bc
     else:
         scale = lr
-    if va:
+    if va and not rule.sign:
         scale /= upper  # γ = γ' / upper
-    return Coefficients(-1.0 if maximize else 1.0, 1.0 - beta, beta, kappa, upper, -scale, va)
+    elif va and rule.sign_factor == "sqrt":
+        scale /= upper**0.5  # √γ = √γ' / √upper (the erf factor takes γ'/upper inside, _sign_factor_math)
+    decay, weight = 0.0, 0.0
+    if rule.needs_batch_variance:
+        # momentum: u ← β² u + (1−β)² σ̂² (var[m~] = Σ_s ((1−β)β^{k−s})² σ²_s); gradient: v~ ← σ̂²
+        decay, weight = (beta * beta, (1.0 - beta) ** 2) if rule.direction == "momentum" else (0.0, 1.0)
+    return Coefficients(-1.0 if maximize else 1.0, 1.0 - beta, beta, kappa, upper, -scale, va, decay, weight)
 
 
 # --------------------------------------------------------------------------------------
@@ -257,6 +323,22 @@ class UpdateOps(Protocol):
     def add_(self, p: Value, d: Value, s: Any) -> Value:
         """p ← p + s d, in place on ``p``."""
 
+    # -- used by sign + variance adaptation (docs/algorithm.md §1.2) --
+
+    def rsub_scalar(self, x: Value, s: Any) -> Value:
+        """s − x; new value."""
+
+    def sqrt_(self, x: Value) -> Value:
+        """x ← √x, in place on ``x`` (x ≥ 0; √∞ = ∞)."""
+
+    def erf_(self, x: Value) -> Value:
+        """x ← erf(x), in place on ``x`` (erf(∞) = 1)."""
+
+    # -- used by variance="minibatch" rules (docs/algorithm.md §1.1; MINIBATCH_RULES) --
+
+    def ema_(self, v: Value, x: Value, decay: Any, w: Any) -> Value:
+        """v ← decay · v + w x, in place on ``v``."""
+
 
 # --------------------------------------------------------------------------------------
 # The one definition of the update
@@ -277,23 +359,47 @@ def _gamma_math(ops: UpdateOps, m: Value, v: Value, kappa: Any, upper: Any) -> V
     return ops.clamp_(ops.div_(a, denominator), 0.0, upper)
 
 
-def _update_math(rule: UpdateRule, ops: UpdateOps, c: Coefficients, p: Value, g: Value, m: Value, v: Value):
+def _sign_factor_math(ops: UpdateOps, gamma: Value, upper: Any, sign_factor: str) -> Value:
+    """γ^s of a sign update from γ' = γ · upper (:func:`_gamma_math`), docs/algorithm.md §1.2.
+
+    With η² the relative variance of the direction, 1 + η² = 1/γ. ``"sqrt"``: Adam's
+    (1 + η²)^−½ = √γ; this returns √γ' and :func:`_coefficients` divides the step by
+    √upper. ``"erf"``: erf[(√2 η)⁻¹] = erf(√(γ/(2(1−γ)))) = erf(√(γ'/(2(upper − γ')))).
+    γ' is clipped to [0, upper], so the quotient lies in [0, ∞]: γ = 1 (no variance) gives
+    x/0 = ∞ and erf(∞) = 1, γ = 0 (also where m = v = 0) gives 0; never NaN.
+    """
+    if sign_factor == "sqrt":
+        return ops.sqrt_(gamma)
+    denominator = ops.rsub_scalar(gamma, upper)  # upper − γ' ≥ 0
+    denominator = ops.add_scaled(denominator, denominator, 1.0)  # 2(upper − γ')
+    return ops.erf_(ops.sqrt_(ops.div_(gamma, denominator)))
+
+
+def _update_math(rule: UpdateRule, ops: UpdateOps, c: Coefficients, p: Value, g: Value, m: Value, v: Value,
+                 s: Value = None):
     """One step of ``rule`` on (θ, g, m~, v~): returns the new (θ, m~, v~).
 
     The only definition of the update (docs/algorithm.md §1); every path runs it.
     ``ops`` may update its arguments in place (torch paths) or return new values
     (the C++ generator); callers use the returned values (see :class:`UpdateOps`).
+    ``s``: the mini-batch variance estimate σ̂² of this step, for ``variance="minibatch"``
+    rules only (docs/algorithm.md §1.1); it is only read.
     """
     g = ops.scale_grad(g, c.grad_sign)  # maximize: ascend = descend on −g; AMP: unscale
     if rule.needs_first_moment:
         m = ops.lerp_(m, g, c.one_minus_beta)  # m~ ← β m~ + (1−β) g
-    if rule.needs_second_moment:
+    if rule.needs_batch_variance:
+        # var[−g] = var[g]: maximize leaves σ̂² as it is
+        v = ops.ema_(v, s, c.var_decay, c.var_weight)  # u ← β² u + (1−β)² σ̂² (SVAG: v~ ← σ̂²)
+    elif rule.needs_second_moment:
         v = ops.ema_square_(v, g, c.beta, c.one_minus_beta)  # v~ ← β v~ + (1−β) g²
     direction = m if rule.direction == "momentum" else g
     if rule.sign:
         direction = ops.sign(direction)  # sign(0) = 0: no move
     if c.va:
         gamma = _gamma_math(ops, m, v, c.kappa, c.upper)
+        if rule.sign:
+            gamma = _sign_factor_math(ops, gamma, c.upper, rule.sign_factor)  # γ^s (docs/algorithm.md §1.2)
         p = ops.addcmul_(p, gamma, direction, c.neg_scale)  # θ ← θ − α γ d
     else:
         p = ops.add_(p, direction, c.neg_scale)  # θ ← θ − α d

@@ -23,8 +23,24 @@ from tests.helpers.numpy_reference import NumpyFamily, rho, rho_reference_form, 
 
 from lightning_msvag.registry import METHODS
 
-#: the project's optimizers, from the method table (every test below is parametrized from it)
-CLASSES = {m.name: m.cls for m in METHODS if issubclass(m.cls, lm.DissectedOptimizer)}
+def _bound_class(method):
+    """The row's optimizer as a class: rows may share a class and differ in ``init_args``
+    (M-SSD-VA's factor), so bind them as defaults and expose the row's rule."""
+    if not method.init_args:
+        return method.cls
+    base, args = method.cls, dict(method.init_args)
+
+    def __init__(self, params, *a, **kw):
+        base.__init__(self, params, *a, **{**args, **kw})
+
+    return type(base.__name__, (base,), {"rule": method.rule, "__init__": __init__})
+
+
+#: the project's optimizers, from the method table (every test below is parametrized from it);
+#: the mini-batch-variance rows need an estimate per step: tests/test_minibatch_variance.py
+CLASSES = {
+    m.name: _bound_class(m) for m in METHODS if issubclass(m.cls, lm.DissectedOptimizer) and not m.needs_batch_variance
+}
 #: the variance-adapted ones (they expose γ)
 VA_METHODS = [name for name, cls in CLASSES.items() if cls.rule.variance_adaptation]
 #: the ones without a sign: their first step is the SGD step, a NaN gradient reaches θ
@@ -552,7 +568,8 @@ def test_variance_adaptation_factors_order_and_read_only():
 
 
 def test_registry_names_and_errors():
-    assert lm.available_optimizers() == ["m-sgd", "m-ssd", "m-svag", "svag", "ssd", "adam", "sgd"]
+    assert lm.available_optimizers() == ["m-sgd", "m-ssd", "m-svag", "svag", "m-ssd-va", "m-ssd-va-sqrt",
+                                         "m-svag-mb", "svag-mb", "ssd", "adam", "sgd"]
     p = [torch.nn.Parameter(torch.zeros(2))]
     for name, cls in [("M-SVAG", lm.MSVAG), ("msvag", lm.MSVAG), ("m-svag", lm.MSVAG), ("MSGD", lm.MSGD),
                       ("m-ssd", lm.MSSD), ("SVAG", lm.SVAG), ("ssd", lm.SSD), ("Adam", torch.optim.Adam),
@@ -561,7 +578,10 @@ def test_registry_names_and_errors():
     adam = lm.build_optimizer("adam", p)
     assert adam.defaults["betas"] == (0.9, 0.999) and adam.defaults["eps"] == 1e-8
     assert lm.build_optimizer("m-svag", p, lr=0.2, beta=0.5).defaults["beta"] == 0.5
-    with pytest.raises(ValueError, match="m-sgd, m-ssd, m-svag, svag, ssd, adam, sgd"):
+    assert lm.build_optimizer("m-ssd-va-sqrt", p).rule.sign_factor == "sqrt"
+    assert lm.build_optimizer("m-svag-mb", p).rule.variance == "minibatch"
+    assert lm.build_optimizer("svag-mb", p).needs_batch_variance and not lm.build_optimizer("svag", p).needs_batch_variance
+    with pytest.raises(ValueError, match="m-sgd, m-ssd, m-svag, svag, m-ssd-va, m-ssd-va-sqrt, m-svag-mb, svag-mb, ssd, adam, sgd"):
         lm.build_optimizer("rmsprop", p)
 
 

@@ -20,7 +20,12 @@ from tests.helpers.numpy_reference import NumpyFamily, step_from_state  # noqa: 
 
 CUDA = pytest.mark.cuda
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
-RULE_IDS = [f"{r.direction[:3]}-sign{int(r.sign)}-va{int(r.variance_adaptation)}" for r in RULES]
+def _rule_id(r):
+    name = f"{r.direction[:3]}-sign{int(r.sign)}-va{int(r.variance_adaptation)}"
+    return name + (f"-{r.sign_factor}" if r.sign and r.variance_adaptation else "")
+
+
+RULE_IDS = [_rule_id(r) for r in RULES]
 SIZES = [1, 17, 50, 33, 7]  # odd sizes: single elements, partial chunks, VEC remainders
 START_STEPS = [0, 3, 0, 1, 7]  # each tensor its own step counter (k = 1 beside k > 1 in one launch)
 
@@ -70,7 +75,8 @@ def test_matches_numpy_oracle(rule, dtype, maximize, device):
     _check_against_oracle(rule, dtype, maximize, device, n_steps, lr=0.03, beta=0.9)
 
 
-@pytest.mark.parametrize("rule", [r for r in RULES if r.variance_adaptation], ids=["M-SVAG", "SVAG"])
+@pytest.mark.parametrize("rule", [r for r in RULES if r.variance_adaptation],
+                         ids=[_rule_id(r) for r in RULES if r.variance_adaptation])
 def test_many_steps_variance_adapted(rule, device):
     """60 steps (1000 on CUDA) with β = 0.8: γ over its whole range, ρ far from its cap."""
     _check_against_oracle(rule, torch.float64, False, device, 60 if device == "cpu" else 1000, lr=0.1, beta=0.8)
@@ -115,8 +121,10 @@ def test_16_bit_rounds_once(rule, dtype, device):
     for t in (exp_avgs or []) + (exp_avg_sqs or []):  # nonzero 16-bit buffers
         t.copy_(torch.tensor(rng.uniform(0.1, 1.0, t.numel())))
     if exp_avgs is not None and exp_avg_sqs is not None:
-        for m, v in zip(exp_avgs, exp_avg_sqs):
-            v.copy_(m.float() ** 2 + v.float())  # v~ ≥ m~² (a reachable state)
+        for m, v, k in zip(exp_avgs, exp_avg_sqs, starts):
+            # a reachable state: v ≥ m² for the bias-corrected averages, i.e. v~ (1−β^k) ≥ m~²
+            # (an unreachable one, m² + s < 0, has no variance to adapt to)
+            v.copy_(m.float() ** 2 / (1 - 0.9**k) + v.float())
     eps = torch.finfo(dtype).eps
     for grads in _grads(rng, 4, sizes):
         g = [torch.tensor(x, dtype=dtype, device=device) for x in grads]

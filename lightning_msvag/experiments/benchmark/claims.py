@@ -17,6 +17,9 @@ accuracy, higher is better; values are the means over seeds; "noise" is √(std_
   ahead of B" does not hold, **partly** when it holds partly, **does not hold** when it holds.
 - *at least as good* (method A vs its base B): **holds** when A is better or equal; **holds within
   noise** when A is worse by at most the noise; **does not hold** when A is worse by more.
+- *similar* (method A ≈ method B; docs/algorithm.md §1.1, §1.2): **holds within noise** when
+  |A − B| is at most the noise; **does not hold** otherwise. These rows are optional: they appear
+  only when the benchmark ran both methods (``--methods ... m-ssd-va adam``).
 
 Over the run: the same rule's margin is computed on the mean curves (training loss: the mini-batch
 loss, smoothed as in benchmark.png; test accuracy: the evaluations) and the table says since which
@@ -62,6 +65,9 @@ class Claim:
     metric: str
     a: Tuple[str, ...]
     b: Tuple[str, ...]
+    #: left out of the table (not "n/a") when a method was not run: claims about methods outside
+    #: the paper's default comparison
+    optional: bool = False
 
 
 _SIGN, _NONSIGN = tuple(SIGN_BASED), tuple(NON_SIGN)
@@ -98,9 +104,21 @@ _PROBLEM_CLAIMS: Dict[str, List[Claim]] = {
 }
 
 
+#: Beyond the paper's §6 comparison: the fourth corner with the paper's estimator against Adam
+#: (Fig. 1's 2×2), and the two variance estimators of M-SVAG (§4.1: "similar performance").
+_EXTENSIONS = [
+    Claim(f"similar-{a}-{b}-{m}", text, "similar", m, (a,), (b,), optional=True)
+    for a, b, text in (
+        ("m-ssd-va", "adam", "M-SSD-VA (sign + variance adaptation, the paper's estimator) ≈ Adam"),
+        ("m-svag-mb", "m-svag", "The two variance estimators perform similarly: M-SVAG mini-batch ≈ M-SVAG"),
+    )
+    for m in ("train_loss", "test_accuracy")
+]
+
+
 def claims_for(problem: str) -> List[Claim]:
     """The observations that apply to ``problem``: the general ones plus the problem's own."""
-    return _GENERAL + _PROBLEM_CLAIMS.get(problem, []) + _VARIANCE
+    return _GENERAL + _PROBLEM_CLAIMS.get(problem, []) + _VARIANCE + _EXTENSIONS
 
 
 def paper_budget(result: Mapping[str, Any]) -> Dict[str, Any]:
@@ -143,6 +161,8 @@ def margin(claim: Claim, values: Mapping[str, float]) -> Tuple[float, Optional[b
         return min(a) - max(b), sum(a) / len(a) > sum(b) / len(b)
     if claim.kind == "at_least":
         return a[0] - b[0], None
+    if claim.kind == "similar":
+        return -abs(a[0] - b[0]), None
     raise ValueError(f"unknown claim kind {claim.kind!r}")
 
 
@@ -153,6 +173,8 @@ def _verdict(claim: Claim, m: float, in_order: Optional[bool], noise: float) -> 
         return "holds" if m > 0 else ("partly" if in_order else "does not hold")
     if claim.kind == "not_ahead":
         return "does not hold" if m > 0 else ("partly" if in_order else "holds")
+    if claim.kind == "similar":
+        return "holds within noise" if -m <= noise else "does not hold"
     if m >= 0:
         return "holds"
     return "holds within noise" if -m <= noise else "does not hold"
@@ -237,6 +259,8 @@ def evaluate_claims(result: Mapping[str, Any]) -> List[Dict[str, Any]]:
                                "values": {m: {"mean": s.get("mean"), "std": s.get("std"), "n": s.get("n")}
                                           for m, s in stats.items()}}
         missing = [m for m, s in stats.items() if s.get("mean") is None or not math.isfinite(s["mean"])]
+        if missing and claim.optional:
+            continue
         if missing:
             row.update({"verdict": "n/a", "note": f"no result for {', '.join(method_label(m) for m in missing)}"})
             rows.append(row)
@@ -244,7 +268,7 @@ def evaluate_claims(result: Mapping[str, Any]) -> List[Dict[str, Any]]:
         means = {m: float(s["mean"]) for m, s in stats.items()}
         m, in_order = margin(claim, means)
         noise = math.sqrt(sum(float(stats[x].get("std") or 0.0) ** 2 for x in (claim.a[0], claim.b[0]))) \
-            if claim.kind == "at_least" else None
+            if claim.kind in ("at_least", "similar") else None
         row.update({"margin": m, "noise": noise, "verdict": _verdict(claim, m, in_order, noise or 0.0),
                     "over_run": _over_run(claim, methods), "note": _note(claim, budget)})
         rows.append(row)

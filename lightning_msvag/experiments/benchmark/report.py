@@ -204,7 +204,7 @@ def _measured(row: Mapping[str, Any]) -> str:
         return f"{method_label(m)} {_fmt(v['mean'], v['std'], digits)}"
 
     a, b = row["groups"]
-    if row["kind"] == "at_least":
+    if row["kind"] in ("at_least", "similar"):  # one method against one
         text = f"{one(a[0])} vs {one(b[0])}"
         if row.get("margin") is not None:
             text += f"; difference {row['margin']:+.4f}" + (f" (noise {row['noise']:.4f})" if row.get("noise") is not None else "")

@@ -1,0 +1,193 @@
+"""Cost of the mini-batch variance estimate: one training step with vs without it, side by side.
+
+For P1 (2c2d, batch 128), P2 (3c3d, batch 128) and P4 (char-LSTM, batch 50 × 50) at their real
+sizes, times forward + backward of the training loss (cross-entropy + L2) with
+
+* ``plain``     — no estimate (the moving-average optimizers' cost);
+* ``hooks``     — :class:`lightning_msvag.batch_variance.BatchVarianceEstimator` (forward +
+  backward + ``compute``);
+* ``torch.func``— ``vmap(grad(ℓ_k))`` per-example gradients (chunks of 16), squared and summed;
+* ``backpack``  — BackPACK's ``SumGradSquared`` (only if ``backpack-for-pytorch`` imports;
+  not a project dependency: ``pip install --target DIR backpack-for-pytorch einops unfoldNd``
+  and put DIR on ``PYTHONPATH``).
+
+Methods are interleaved round by round and the median per method is reported, with the ratio
+to ``plain``. Run from the repository root::
+
+    python benchmarks/batch_variance_cost.py [--rounds 5] [--threads N]
+
+``--whole-step`` times one whole training step instead (zero_grad, forward, backward, the
+estimate where used, optimizer step) of M-SVAG with the moving-average estimate
+(``MSVAG(...)``, its default fused CPU path) against M-SVAG with the mini-batch estimate
+(``MSVAG(..., variance="minibatch")`` + :class:`BatchVarianceEstimator`), side by side::
+
+    python benchmarks/batch_variance_cost.py --whole-step [--rounds 5] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.func import functional_call, grad, vmap  # noqa: E402
+
+from lightning_msvag import MSVAG  # noqa: E402
+from lightning_msvag.batch_variance import BatchVarianceEstimator  # noqa: E402
+from models import CharLSTM, ThreeC3D, TwoC2D  # noqa: E402
+
+
+def _problems():
+    torch.manual_seed(0)
+    yield "P1 2c2d B=128", TwoC2D(), torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    yield "P2 3c3d B=128", ThreeC3D(), torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    yield "P4 char-LSTM 50x50", CharLSTM(), torch.randint(0, 83, (50, 50)), torch.randint(0, 83, (50, 50))
+
+
+def _loss(model, x, y):
+    logits = model(x)
+    if isinstance(logits, tuple):  # the character model returns (logits, state)
+        logits = logits[0]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)) + model.regularizer()
+
+
+def _plain(model, x, y):
+    model.zero_grad(set_to_none=True)
+    _loss(model, x, y).backward()
+
+
+def _make_hooks(model):
+    est = BatchVarianceEstimator(model)
+
+    def step(model, x, y):
+        model.zero_grad(set_to_none=True)
+        with est.record():
+            _loss(model, x, y).backward()
+        est.compute()
+
+    return step
+
+
+def _make_func(model):
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def one(p, x, y):
+        out = functional_call(model, p, (x.unsqueeze(0),))
+        if isinstance(out, tuple):
+            out = out[0]
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+    per_example = vmap(grad(one), in_dims=(None, 0, 0), chunk_size=16, randomness="different")
+
+    def step(model, x, y):
+        model.zero_grad(set_to_none=True)
+        _loss(model, x, y).backward()  # the gradient itself, as every step needs
+        g = per_example(params, x, y)
+        {n: (t.sum(0), t.square().sum(0)) for n, t in g.items()}
+
+    return step
+
+
+def _make_backpack(model):
+    from backpack import backpack, extend
+    from backpack.extensions import SumGradSquared
+
+    own = extend(copy.deepcopy(model))  # extend() hooks every module for good: keep them off the others' model
+
+    def step(model, x, y):
+        own.zero_grad(set_to_none=True)
+        with backpack(SumGradSquared()):
+            _loss(own, x, y).backward()
+
+    return step
+
+
+def _training_steps(model):
+    """One whole step of each M-SVAG variant, on its own copy of the model (same start)."""
+    moving = copy.deepcopy(model)
+    minibatch = copy.deepcopy(model)
+    opt_moving = MSVAG(moving.parameters(), lr=1e-3)
+    opt_minibatch = MSVAG(minibatch.parameters(), lr=1e-3, variance="minibatch")
+    est = BatchVarianceEstimator(minibatch)
+
+    def step_moving(x, y):
+        opt_moving.zero_grad(set_to_none=True)
+        _loss(moving, x, y).backward()
+        opt_moving.step()
+
+    def step_minibatch(x, y):
+        opt_minibatch.zero_grad(set_to_none=True)
+        with est.record():
+            _loss(minibatch, x, y).backward()
+        est.compute()
+        opt_minibatch.step()
+
+    return {"M-SVAG moving average": step_moving, "M-SVAG mini-batch": step_minibatch}
+
+
+def whole_step(args) -> None:
+    print(f"whole training step; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"median of {args.rounds} interleaved rounds (after 2 warm-ups)")
+    for name, model, x, y in _problems():
+        model.train()
+        methods = _training_steps(model)
+        for step in methods.values():
+            step(x, y)
+            step(x, y)  # the fused kernel's first load, the estimator's first hooks
+        times = {label: [] for label in methods}
+        for _ in range(args.rounds):
+            for label, step in methods.items():
+                t0 = time.perf_counter()
+                step(x, y)
+                times[label].append(time.perf_counter() - t0)
+        medians = {label: statistics.median(t) for label, t in times.items()}
+        base = medians["M-SVAG moving average"]
+        cells = ", ".join(f"{label} {t * 1e3:.0f} ms ({t / base:.2f}x)" for label, t in medians.items())
+        print(f"{name}: {cells}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    parser.add_argument("--whole-step", action="store_true", help="time whole M-SVAG training steps, both estimators")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.whole_step:
+        whole_step(args)
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} rounds (after 1 warm-up)")
+    for name, model, x, y in _problems():
+        model.train()
+        methods = {"plain": _plain}
+        for label, factory in (("hooks", _make_hooks), ("torch.func", _make_func), ("backpack", _make_backpack)):
+            try:
+                step = factory(model)
+                step(model, x, y)  # warm-up, and fail here rather than in the timed loop
+                methods[label] = step
+            except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is reported, not fatal
+                print(f"  {name}: {label} unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+        times = {label: [] for label in methods}
+        _plain(model, x, y)
+        for _ in range(args.rounds):
+            for label, step in methods.items():
+                t0 = time.perf_counter()
+                step(model, x, y)
+                times[label].append(time.perf_counter() - t0)
+        base = statistics.median(times["plain"])
+        cells = ", ".join(f"{label} {statistics.median(t) * 1e3:.0f} ms ({statistics.median(t) / base:.2f}x)" for label, t in times.items())
+        print(f"{name}: {cells}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The claims rows beyond the paper's §6 comparison: M-SSD-VA ≈ Adam, mini-batch ≈ moving-average M-SVAG."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lightning_msvag.experiments.benchmark.claims import evaluate_claims
+
+
+def _result(**finals):
+    """A results.json dictionary with final (loss mean, loss std, accuracy mean, accuracy std) per method."""
+    methods = {
+        name: {"final_train_loss": {"mean": lm, "std": ls, "n": 3}, "final_test_accuracy": {"mean": am, "std": as_, "n": 3}}
+        for name, (lm, ls, am, as_) in finals.items()
+    }
+    return {"problem": "tolstoi_char_rnn", "methods": methods, "settings": {"max_steps": 100, "seeds": [42, 43, 44]}}
+
+
+def test_similar_rows_verdicts_and_margins():
+    result = _result(**{"m-sgd": (2.0, 0.01, 0.4, 0.01), "m-ssd": (2.1, 0.01, 0.38, 0.01),
+                        "m-svag": (2.0, 0.01, 0.41, 0.01), "adam": (1.90, 0.03, 0.45, 0.004),
+                        "m-ssd-va": (1.93, 0.04, 0.40, 0.003)})
+    rows = {row["key"]: row for row in evaluate_claims(result)}
+    loss = rows["similar-m-ssd-va-adam-train_loss"]
+    # |1.93 − 1.90| = 0.03 ≤ √(0.04² + 0.03²) = 0.05: within noise
+    assert loss["kind"] == "similar" and loss["margin"] == pytest.approx(-0.03) and loss["noise"] == pytest.approx(0.05)
+    assert loss["verdict"] == "holds within noise"
+    acc = rows["similar-m-ssd-va-adam-test_accuracy"]  # 0.05 apart, noise 0.005
+    assert acc["verdict"] == "does not hold" and acc["noise"] == pytest.approx(math.hypot(0.003, 0.004))
+    # the mini-batch M-SVAG was not run: its rows are left out (optional), not "n/a"
+    assert not any(key.startswith("similar-m-svag-mb") for key in rows)
+    assert rows["va-m-svag-train_loss"]["verdict"] in ("holds", "holds within noise", "does not hold")
+
+
+def test_similar_rows_absent_without_the_methods():
+    result = _result(**{"m-sgd": (2.0, 0.01, 0.4, 0.01), "adam": (1.9, 0.03, 0.45, 0.004)})
+    assert not any(row["kind"] == "similar" for row in evaluate_claims(result))
