@@ -57,6 +57,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from . import __version__, available_optimizers
 from . import callbacks as _callbacks  # noqa: F401  (imported so short class names resolve:
 from . import optimizers as _optimizers  # noqa: F401   --optimizer MSVAG, --trainer.callbacks+=VarianceAdaptationMonitor)
+from .batch_variance_callback import BatchVarianceCallback
 from .errors import UserError
 from .fault_tolerance import (
     CheckpointError,
@@ -78,10 +79,14 @@ def _configs_root() -> Path:
     return Path(__file__).resolve().parents[1] / "configs"
 
 
-def default_callbacks(trainer_config: dict) -> list:
-    """The callbacks the project adds to ``trainer_config`` (see the module docstring)."""
+def default_callbacks(trainer_config: dict, optimizer: Any = None) -> list:
+    """The callbacks the project adds to ``trainer_config`` (see the module docstring);
+    ``optimizer``: the config's optimizer entry (class_path, init_args)."""
     configured = list(trainer_config.get("callbacks") or [])
     added: list = []
+    if _needs_batch_variance(optimizer) and not any(isinstance(c, BatchVarianceCallback) for c in configured):
+        # variance="minibatch" reads p.grad_batch_variance every step (docs/algorithm.md §1.1)
+        added.append(BatchVarianceCallback())
     checkpointing = trainer_config.get("enable_checkpointing") is not False
     if checkpointing and not any(isinstance(c, ModelCheckpoint) for c in configured):
         added.append(ModelCheckpoint(save_last=True))
@@ -186,8 +191,15 @@ class MSVAGCLI(LightningCLI):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_config = {**config.get("trainer", {}), **kwargs}
         configured = list(trainer_config.get("callbacks") or [])
-        kwargs = {**_integer_batch_limits(self.argv), **kwargs, "callbacks": configured + default_callbacks(trainer_config)}
+        optimizer = _get(self.config[self.subcommand] if self.subcommand else self.config, "optimizer")
+        kwargs = {**_integer_batch_limits(self.argv), **kwargs,
+                  "callbacks": configured + default_callbacks(trainer_config, optimizer)}
         return super().instantiate_trainer(**kwargs)
+
+
+def _needs_batch_variance(optimizer: Any) -> bool:
+    """The configured optimizer runs a ``variance="minibatch"`` rule (it needs the estimate)."""
+    return str(_get(_get(optimizer, "init_args"), "variance", "")) == "minibatch"
 
 
 # ------------------------------------------------------------------ --ckpt_path last, one run folder
@@ -427,12 +439,18 @@ def prepare_argv(argv: List[str]) -> List[str]:
         if cls is None:
             raise _unknown_optimizer(value)
         try:
-            resolved = get_method(value).class_path
+            row = get_method(value)
         except ValueError:
-            resolved = value
+            row = None
+        resolved = row.class_path if row is not None else value
         out[index] = resolved if index != i else f"{token.split('=', 1)[0]}={resolved}"
         if token.startswith("--optimizer.help"):
             continue
+        if row is not None:  # the row's own arguments (m-svag-mb: variance=minibatch), before the user's
+            given = {t.split("=", 1)[0] for t in out[index + 1:]}
+            extra = [f"--optimizer.{key}={_cli_value(v)}" for key, v in row.init_args.items()
+                     if f"--optimizer.{key}" not in given and f"--optimizer.init_args.{key}" not in given]
+            out[index + 1:index + 1] = extra
         later = out[i + 1:]
         if any(t.split("=", 1)[0] in _LR_OPTIONS for t in later) or _configured_optimizer(later, len(later))[0]:
             continue  # a step size (or a whole optimizer config) follows
@@ -451,6 +469,13 @@ def prepare_argv(argv: List[str]) -> List[str]:
                  f"{_class_label(config_cls).split(' ')[0]}; --optimizer.lr sets another")
         out.insert(i + 2 if index != i else i + 1, f"--optimizer.lr={method.default_lr!r}")
     return out
+
+
+def _cli_value(value: Any) -> str:
+    """A method-table argument as jsonargparse reads it from the command line."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_cli_value(v) for v in value) + "]"
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def _table():

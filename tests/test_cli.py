@@ -300,6 +300,24 @@ def test_every_listed_name_is_accepted_by_optimizer(tmp_path, method):
         cli = build_cli(["--config", str(CONFIGS / "tolstoi_char_rnn.yaml"), "--data.data_dir", str(tmp_path),
                          "--trainer.logger", "false", *option], run=False)
         assert cli.config["optimizer"]["class_path"] == method.class_path
+        for key, value in method.init_args.items():  # the row's own arguments travel with its name
+            got = cli.config["optimizer"]["init_args"][key]
+            assert (list(got) if isinstance(value, list) else got) == value, (method.name, key)
+
+
+def test_minibatch_method_by_name_trains_with_the_estimate_added(tmp_path, tolstoi_dir):
+    """--optimizer m-svag-mb: variance='minibatch' comes with the name and the command adds the
+    BatchVarianceCallback that leaves p.grad_batch_variance for each step (docs/algorithm.md §1.1)."""
+    from lightning_msvag.batch_variance_callback import BatchVarianceCallback
+
+    cli = build_cli(_tiny_fit(tmp_path, tolstoi_dir, 3, "--optimizer", "m-svag-mb")[1:], run=False)
+    assert cli.config["optimizer"]["init_args"]["variance"] == "minibatch"
+    assert sum(isinstance(c, BatchVarianceCallback) for c in cli.trainer.callbacks) == 1
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 3
+    optimizer = cli.trainer.optimizers[0]
+    assert optimizer.rule.needs_batch_variance
+    assert all(float(s["step"]) == 3 for s in optimizer.state.values())
 
 
 def test_optimizer_configs_are_the_method_tables():
