@@ -501,3 +501,24 @@ def test_fashion_mnist_offline_header_restore_and_md5_gate(tmp_path):
     from torchvision.datasets import FashionMNIST
 
     assert dict(FashionMNIST.resources) == script.OFFICIAL_MD5  # the script checks torchvision's md5s
+
+
+@pytest.mark.parametrize("method", ["m-svag-mb", "m-ssd-va-sqrt"])
+def test_a_run_of_a_table_row_with_arguments_gets_them(tmp_path, method):
+    """The runner names the method; the command adds the row's own arguments (and, for the
+    mini-batch estimate, the callback that provides it), so a sweep runs the row's rule."""
+    from lightning_msvag.batch_variance_callback import BatchVarianceCallback
+    from lightning_msvag.cli import build_cli
+    from lightning_msvag.registry import get_method
+
+    cfg = bm_config.BenchmarkConfig(out=str(tmp_path), config=str(P4_CONFIG), methods=(method,),
+                                    grid=(f"{method}=0.01",), num_seeds=1, max_steps=2)
+    folder = tmp_path / "runs" / method / "lr" / "seed"
+    argv = bm_plan.fit_argv(cfg, bm_plan.RunSpec(method, 0.01, 42, "search"), folder)
+    cli = build_cli(argv[1:] + ["--data.data_dir", str(tmp_path / "data"), "--trainer.logger", "false"], run=False)
+    init_args = cli.config["optimizer"]["init_args"]
+    for key, value in get_method(method).init_args.items():
+        assert init_args[key] == value
+    assert init_args["lr"] == 0.01
+    needs = get_method(method).init_args.get("variance") == "minibatch"
+    assert any(isinstance(c, BatchVarianceCallback) for c in cli.trainer.callbacks) == needs

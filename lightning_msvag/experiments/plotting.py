@@ -34,6 +34,10 @@ METHOD_LABELS: Dict[str, str] = {
     "ssd": "SSD",
     "sign": "sign descent",
     "gd": "gradient descent",
+    "m-ssd-va": "M-SSD-VA",
+    "m-ssd-va-sqrt": "M-SSD-VA (√γ)",
+    "m-svag-mb": "M-SVAG (mini-batch)",
+    "svag-mb": "SVAG (mini-batch)",
 }
 
 #: Fixed colours (tab10): momentum variants of one family share a hue family.
@@ -47,8 +51,12 @@ _COLORS: Dict[str, str] = {
     "sign": "#ff7f0e",  # orange
     "adam": "#9467bd",  # purple
     "gd": "#7f7f7f",  # grey
+    "m-ssd-va": "#8c564b",  # brown
+    "m-ssd-va-sqrt": "#e377c2",  # pink
+    "m-svag-mb": "#bcbd22",  # olive
+    "svag-mb": "#17becf",
 }
-_SIGN_BASED = {"m-ssd", "ssd", "sign", "adam"}
+_SIGN_BASED = {"m-ssd", "ssd", "sign", "adam", "m-ssd-va", "m-ssd-va-sqrt"}
 _FALLBACK = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
 
 

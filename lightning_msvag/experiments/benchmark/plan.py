@@ -11,7 +11,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .._common import read_json
 from .config import BenchmarkConfig, format_lr
-from .methods import METHOD_CLASSES
 
 __all__ = [
     "FINISHED", "RunSpec", "plan_search", "plan_replicate", "choose_lr", "final_metric",
@@ -125,7 +124,9 @@ def fit_argv(cfg: BenchmarkConfig, spec: RunSpec, folder: Path) -> List[str]:
     }
     argv = [
         "fit", "--config", str(Path(cfg.config).resolve()),
-        "--optimizer", METHOD_CLASSES[spec.method],
+        # the registry name: the command resolves it to the class and adds the row's own
+        # arguments (m-svag-mb: variance=minibatch, and with it the BatchVarianceCallback)
+        "--optimizer", spec.method,
         "--optimizer.lr", repr(spec.lr),
         "--seed_everything", str(spec.seed),
         "--data.init_args.seed", str(spec.seed),  # the data order (shuffling, augmentation) varies with the seed too
