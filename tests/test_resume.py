@@ -258,7 +258,8 @@ def test_tracked_gamma_of_msgd_resumes_exactly(tmp_path):
     names = {name for name, _ in CharLSTM(hidden_size=32, embedding_dim=16).named_parameters()}
     assert saved.keys() == names and {entry["steps"] for entry in saved.values()} == {20}
     resumed, monitor = run(tmp_path / "b", ckpt_path=ckpt)
-    assert sorted(straight) == [9, 19, 29, 39] and sorted(resumed) == [29, 39]  # logged after steps 10 ... 40
+    # logged after steps 1, 2, 4, 8 (the early logs below the interval), then 10 ... 40
+    assert sorted(straight) == [0, 1, 3, 7, 9, 19, 29, 39] and sorted(resumed) == [29, 39]
     assert {count for _, count in monitor._tracker.buffers.values()} == {40}
     for step in (29, 39):
         assert resumed[step].keys() == straight[step].keys() and "gamma/all/mean" in resumed[step]
