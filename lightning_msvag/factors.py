@@ -142,22 +142,25 @@ def dissected_factors(optimizer: Optimizer, tracker: Optional[MomentTracker] = N
     direction = optimizer.rule.direction if adapted else "momentum"
     if not adapted and tracker is None:
         return
+    for p, beta, state, k in _stepped(optimizer):
+        v = state["exp_avg_sq"] if adapted else tracker.second_moment(p, beta, k)
+        if v is None:
+            continue
+        if adapted and optimizer.rule.needs_batch_variance:  # v~ is the mini-batch buffer (§1.1)
+            gamma = rule_variance_factor(optimizer.rule, state["exp_avg"], v, beta=beta, step=k)
+        else:
+            gamma = variance_adaptation_factor(state["exp_avg"], v, beta=beta, step=k, direction=direction)
+        lam = variance_ratio(beta, k) if direction == "momentum" else 1.0
+        yield Factor(p, gamma, lam, 1)
+
+
+def _stepped(optimizer: Optimizer) -> Iterator[tuple]:
+    """(parameter, its group's β, its state, its step k) of every parameter that has stepped."""
     for group in optimizer.param_groups:
-        beta = group["beta"]
         for p in group["params"]:
             found = _steps(optimizer, p, lambda s: int(s.item()))
-            if found is None:
-                continue
-            state, k = found
-            v = state["exp_avg_sq"] if adapted else tracker.second_moment(p, beta, k)
-            if v is None:
-                continue
-            if adapted and optimizer.rule.needs_batch_variance:  # v~ is the mini-batch buffer (§1.1)
-                gamma = rule_variance_factor(optimizer.rule, state["exp_avg"], v, beta=beta, step=k)
-            else:
-                gamma = variance_adaptation_factor(state["exp_avg"], v, beta=beta, step=k, direction=direction)
-            lam = variance_ratio(beta, k) if direction == "momentum" else 1.0
-            yield Factor(p, gamma, lam, 1)
+            if found is not None:
+                yield (p, group["beta"], *found)
 
 
 def dissected_sign_factors(optimizer: Optimizer) -> Iterator[Factor]:
@@ -166,16 +169,10 @@ def dissected_sign_factors(optimizer: Optimizer) -> Iterator[Factor]:
     (1 + ρ η̂²)^(−1/2), λ = ρ, power 2; ``"erf"`` has no such form (λ, power of the γ it is
     computed from, M-SVAG's: ρ, 1)."""
     rule = optimizer.rule
-    for group in optimizer.param_groups:
-        beta = group["beta"]
-        for p in group["params"]:
-            found = _steps(optimizer, p, lambda s: int(s.item()))
-            if found is None:
-                continue
-            state, k = found
-            gamma = rule_variance_factor(rule, state["exp_avg"], state["exp_avg_sq"], beta=beta, step=k, sign_factor=True)
-            lam = variance_ratio(beta, k) if rule.direction == "momentum" else 1.0
-            yield Factor(p, gamma, lam, 2 if rule.sign_factor == "sqrt" else 1)
+    for p, beta, state, k in _stepped(optimizer):
+        gamma = rule_variance_factor(rule, state["exp_avg"], state["exp_avg_sq"], beta=beta, step=k, sign_factor=True)
+        lam = variance_ratio(beta, k) if rule.direction == "momentum" else 1.0
+        yield Factor(p, gamma, lam, 2 if rule.sign_factor == "sqrt" else 1)
 
 
 def adam_factors(optimizer: Optimizer) -> Iterator[Factor]:
