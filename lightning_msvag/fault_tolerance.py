@@ -442,6 +442,11 @@ class PreemptionCheckpoint(Callback):
                 # Lightning's SLURM handler saves from inside the signal handler, mid-step;
                 # this callback saves at the end of the step instead (and requeues)
                 previous = None
+            if signum == signal.SIGTERM and self._distributed(trainer):
+                # Lightning's SIGTERM handler broadcasts from inside the signal handler, on the
+                # signalled rank only, which can cross the step's own collectives (a gloo
+                # "connection reset" or a hang); here the ranks agree through the flag instead
+                previous = None
             self._previous[signum] = previous
             signal.signal(signum, self._handler)
 
