@@ -59,7 +59,8 @@ def _default_paths(params: List[Tensor], foreach: Optional[bool], fused: Optiona
     step raises ``RuntimeError`` in the step, as torch's fused optimizers do.)
     """
     if fused is None and foreach is None:
-        device_types = {p.device.type for p in params}
+        # the common case at C speed: reading p.device per tensor costs ~0.3 µs × 2,000 tensors a step
+        device_types = ("cpu",) if all(map(F._IS_CPU, params)) else {p.device.type for p in params}
         fused = F._fused_unsupported(params) is None and all(map(fused_path_available, device_types))
         if not fused and "cuda" in device_types and not fused_path_available("cuda"):
             F._warn_no_device_kernel()
