@@ -19,13 +19,20 @@ layer, squared and summed. Nothing is computed B times:
 * ``nn.Linear`` on ``[B, in]``: Σ_k (e_k a_kᵀ)² = (e²)ᵀ(a²) — no per-example tensor at all.
   On ``[B, T, in]`` (weight shared over T) the per-example gradient ``e_kᵀ a_k`` is formed by
   one batched matmul.
-* ``nn.Conv2d`` (groups 1, zero padding): per-example gradient ``e_k · unfold(a_k)ᵀ`` by one
-  batched matmul.
+* ``nn.Conv2d`` (groups 1, zero padding): per-example gradient ``e_k · patches(a_k)ᵀ`` by
+  batched matmuls over chunks of examples (the patches read through a strided view of the
+  padded input).
 * ``nn.Embedding``: per-example gradient by one ``scatter_add`` into ``[B, V, D]``.
-* LSTM layers with the fused-layer protocol (below): the layer is re-run unrolled on the saved
-  inputs, and one ``autograd.grad`` with the saved output gradients gives the gate
-  pre-activation gradients of every example and time step at once (rows never mix in an
-  LSTM); per-example gradients follow by batched matmuls.
+* LSTM layers with the fused-layer protocol (below): the layer's output holds every h_t, so
+  the gate pre-activations of all steps come from two matmuls; a hand-written backward
+  through time (the cell recursion only, no autograd) from the saved output gradients gives
+  the gate pre-activation gradients of every example and time step at once (rows never mix
+  in an LSTM); per-example gradients follow by batched matmuls.
+
+The per-example gradients of convolutions, LSTM layers and linear layers on sequences are
+squared and summed chunk by chunk while they are still in cache
+(``_per_example_product_moments``): no tensor of B × the layer's parameters is formed
+(the embedding's ``[B, V, D]`` is the exception).
 
 Only the data term is seen: the hooks see the gradient that flows through the layers, never
 the gradient of a term added to the loss directly from the weights (an L2 term), which is
@@ -85,7 +92,7 @@ Lightning: :class:`lightning_msvag.batch_variance_callback.BatchVarianceCallback
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -93,6 +100,53 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["BatchVarianceEstimator", "BatchVarianceError", "batch_variance_from_moments"]
+
+# Elements of the per-example tensors formed at once (float32: 4 MB). Squaring and summing
+# them while they are still in cache, instead of one batch-sized tensor, halves the cost of
+# the convolution and LSTM layers (benchmarks/batch_variance_cost.py).
+_CHUNK_ELEMENTS = 1 << 20
+
+
+class _Im2Col:
+    """``rows ↦ [len(rows), L, in·kh·kw]``: the convolution's input patches of those examples.
+
+    The patches are read through a strided view of the zero-padded input and copied once into
+    ``[rows, in·kh·kw, L]`` (the weight's column order), which is about twice as fast on CPU
+    as ``F.unfold`` (benchmarks/batch_variance_cost.py); the transpose is free for ``bmm``.
+    """
+
+    def __init__(self, a: Tensor, kernel: tuple[int, int], padding: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]) -> None:
+        (ph, pw), (kh, kw), (sh, sw), (dh, dw) = padding, kernel, stride, dilation
+        self.padded = F.pad(a, (pw, pw, ph, ph)).contiguous()
+        height, width = self.padded.shape[2:]
+        self.out_hw = ((height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1)
+        self.kernel, self.stride, self.dilation = (kh, kw), (sh, sw), (dh, dw)
+
+    def __call__(self, rows: slice) -> Tensor:
+        part = self.padded[rows]
+        n, channels = part.shape[:2]
+        s_n, s_c, s_h, s_w = part.stride()
+        (kh, kw), (sh, sw), (dh, dw), (oh, ow) = self.kernel, self.stride, self.dilation, self.out_hw
+        view = part.as_strided((n, channels, kh, kw, oh, ow), (s_n, s_c, dh * s_h, dw * s_w, sh * s_h, sw * s_w))
+        return view.reshape(n, channels * kh * kw, oh * ow).transpose(1, 2)
+
+
+def _per_example_product_moments(left: Tensor, right_rows: Callable[[slice], Tensor], width: int) -> tuple[Tensor, Tensor]:
+    """``(Σ_k G_k, Σ_k G_k²)`` for the per-example products ``G_k = left[k] @ right_rows(k)``.
+
+    ``left`` is ``[B, out, L]``; ``right_rows(rows)`` gives ``[len(rows), L, width]``. Examples
+    are taken in chunks of about ``_CHUNK_ELEMENTS`` elements of G and of the right factor.
+    """
+    batch, out, inner = left.shape
+    s1 = left.new_zeros(out, width)
+    s2 = left.new_zeros(out, width)
+    chunk = max(1, _CHUNK_ELEMENTS // (width * max(out, inner)))
+    for start in range(0, batch, chunk):
+        rows = slice(start, start + chunk)
+        g = torch.bmm(left[rows], right_rows(rows))  # [chunk, out, width]
+        s1 += g.sum(0)
+        s2 += g.square_().sum(0)
+    return s1, s2
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -254,7 +308,7 @@ class BatchVarianceEstimator:
                 "accumulation): the mini-batch variance needs one forward and one backward per estimate"
             )
         if self._kinds[module] == "lstm":
-            rec.inputs = (args[0].detach(), tuple(s.detach() for s in args[1]))
+            rec.inputs = (args[0].detach(), tuple(s.detach() for s in args[1]), output[0].detach())
             outs = (output[0], output[1][0], output[1][1])
         else:
             rec.inputs = args[0].detach()
@@ -296,17 +350,17 @@ class BatchVarianceEstimator:
                     per_param["bias"] = (e.sum(0), e.square().sum(0))
             else:
                 a3, e3 = a.reshape(batch, -1, a.shape[-1]), e.reshape(batch, -1, e.shape[-1])
-                g = torch.bmm(e3.transpose(1, 2), a3)  # [B, out, in]
-                per_param["weight"] = (g.sum(0), g.square().sum(0))
+                per_param["weight"] = _per_example_product_moments(e3.transpose(1, 2), lambda rows: a3[rows], a3.shape[-1])
                 if module.bias is not None:
                     gb = e3.sum(1)
                     per_param["bias"] = (gb.sum(0), gb.square().sum(0))
         elif kind == "conv2d":
-            padding = 0 if module.padding == "valid" else module.padding
-            cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+            padding = (0, 0) if module.padding == "valid" else module.padding
             e3 = e.flatten(2)  # [B, out, L]
-            g = torch.bmm(e3, cols.transpose(1, 2))  # [B, out, in·kh·kw]
-            per_param["weight"] = (g.sum(0).view_as(module.weight), g.square().sum(0).view_as(module.weight))
+
+            unfolded = _Im2Col(a, module.kernel_size, padding, module.stride, module.dilation)
+            s1, s2 = _per_example_product_moments(e3, unfolded, module.weight[0].numel())
+            per_param["weight"] = (s1.view_as(module.weight), s2.view_as(module.weight))
             if module.bias is not None:
                 gb = e3.sum(2)
                 per_param["bias"] = (gb.sum(0), gb.square().sum(0))
@@ -321,50 +375,64 @@ class BatchVarianceEstimator:
         return batch, [per_param[n] for n, p in module.named_parameters(recurse=False) if p.requires_grad]
 
     def _lstm_moments(self, module: nn.Module, rec: _Record, dtype: torch.dtype) -> tuple[int, list[tuple[Tensor, Tensor]]]:
-        x, (h0, c0) = rec.inputs
+        x, (h0, c0), out = rec.inputs
         batch, steps = x.shape[0], x.shape[1]
+        hidden = module.weight_hh.shape[1]
+        grad_out, grad_h, grad_c = (rec.grads.get(i) for i in range(3))
+        if grad_out is None and grad_h is None and grad_c is None:
+            zeros = [(torch.zeros_like(p, dtype=dtype), torch.zeros_like(p, dtype=dtype)) for p in module.parameters(recurse=False)]
+            return batch, zeros
         w_ih, w_hh = module.weight_ih.detach().to(dtype), module.weight_hh.detach().to(dtype)
         bias = module.bias.detach().to(dtype)
         extra = getattr(module, "forget_bias_hh", None)
         if extra is not None:
             bias = bias + extra.to(dtype)
-        x = x.to(dtype)
-        with torch.enable_grad():
-            # Unrolled re-run of the layer (PyTorch gate order i, f, g, o); z_t are the gate
-            # pre-activations, whose gradients give every parameter's per-example gradient.
-            x_proj = x @ w_ih.t() + bias  # [B, T, 4H]
-            h, c = h0[0].to(dtype), c0[0].to(dtype)
-            zs, hs_prev, outs = [], [], []
-            for t in range(steps):
-                z = x_proj[:, t] + h @ w_hh.t()
-                if not z.requires_grad:  # t = 0 with a carried (detached) state: make z_0 a leaf
-                    z.requires_grad_(True)
-                zs.append(z)
-                hs_prev.append(h)
-                i, f, g, o = z.chunk(4, dim=1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
-                outs.append(h)
-            out = torch.stack(outs, 1)
-            targets, cotangents = [], []
-            for idx, tensor in ((0, out), (1, h), (2, c)):
-                grad = rec.grads.get(idx)
-                if grad is not None:
-                    targets.append(tensor)
-                    cotangents.append((grad[0] if idx else grad).to(dtype))
-            if not targets:
-                zeros = [(torch.zeros_like(p, dtype=dtype), torch.zeros_like(p, dtype=dtype)) for p in module.parameters(recurse=False)]
-                return batch, zeros
-            dz = torch.autograd.grad(targets, zs, cotangents, allow_unused=True)
-        dz = torch.stack([d if d is not None else torch.zeros_like(zs[0]) for d in dz], 1).detach()  # [B, T, 4H]
-        dz = dz * (batch if self.loss_reduction == "mean" else 1)
-        h_prev = torch.stack(hs_prev, 1).detach()  # [B, T, H]
+        x, out = x.to(dtype), out.to(dtype)
+        # The layer's outputs are h_1..h_T, so every h_{t-1} is known and all gate
+        # pre-activations z_t (PyTorch gate order i, f, g, o) come from two matmuls; only
+        # c_t = f_t c_{t-1} + i_t g_t and the backward recursion run over t. Rows never mix in
+        # an LSTM, so dℓ/dz_t of the batch loss holds every example's own gradient in its row.
+        h_prev = torch.cat([h0[0].to(dtype).unsqueeze(1), out[:, :-1]], 1)  # [B, T, H]
+        # Time-major from here: the recursions below take contiguous [B, ·] slices per step.
+        z = (x @ w_ih.t() + bias).transpose(0, 1).contiguous()  # [T, B, 4H]
+        z += h_prev.transpose(0, 1) @ w_hh.t()
+        gates = z.view(steps, batch, 4, hidden)
+        i_g, f_g, o_g = gates[:, :, 0].sigmoid(), gates[:, :, 1].sigmoid(), gates[:, :, 3].sigmoid()
+        g_g = gates[:, :, 2].tanh()
+        c = c0[0].to(dtype)
+        cs = [c]
+        for ig_t, f_t in zip((i_g * g_g).unbind(0), f_g.unbind(0)):
+            c = torch.addcmul(ig_t, f_t, c)
+            cs.append(c)
+        c_all = torch.stack(cs)  # [T + 1, B, H]: c_0 .. c_T
+        c_prev, tanh_c = c_all[:-1], c_all[1:].tanh()
+        # dz_t = [dc·g·i(1−i), dc·c_{t−1}·f(1−f), dc·i·(1−g²), dh·tanh(c_t)·o(1−o)], with
+        # dh_t = dℓ/dout_t + dz_{t+1} W_hh and dc_t = dh_t·o_t·(1 − tanh²c_t) + dc_{t+1}·f_{t+1}.
+        from_c = torch.stack([g_g * i_g * (1 - i_g), c_prev * f_g * (1 - f_g), i_g * (1 - g_g.square())], 2)  # [T, B, 3, H]
+        from_h = tanh_c * o_g * (1 - o_g)
+        dh_to_dc = o_g * (1 - tanh_c.square())
+        dz = torch.empty(steps, batch, 4, hidden, dtype=dtype, device=x.device)
+        dh_next = grad_h[0].to(dtype) if grad_h is not None else torch.zeros_like(c)
+        dc_next = grad_c[0].to(dtype) if grad_c is not None else torch.zeros_like(c)
+        grad_out = grad_out.to(dtype).transpose(0, 1).unbind(0) if grad_out is not None else None
+        for t in range(steps - 1, -1, -1):
+            dh = dh_next if grad_out is None else dh_next + grad_out[t]
+            dc = torch.addcmul(dc_next, dh, dh_to_dc[t])
+            torch.mul(from_c[t], dc.unsqueeze(1), out=dz[t, :, :3])
+            torch.mul(from_h[t], dh, out=dz[t, :, 3])
+            if t:
+                dh_next = dz[t].view(batch, 4 * hidden) @ w_hh
+                dc_next = dc * f_g[t]
+        dz = dz.view(steps, batch, 4 * hidden).transpose(0, 1)  # [B, T, 4H]
+        dz *= batch if self.loss_reduction == "mean" else 1
+        dz_t = dz.transpose(1, 2)
+        bias_grads = dz.sum(1)
         per_param = {
-            "weight_ih": torch.bmm(dz.transpose(1, 2), x),
-            "weight_hh": torch.bmm(dz.transpose(1, 2), h_prev),
-            "bias": dz.sum(1),
+            "weight_ih": _per_example_product_moments(dz_t, lambda rows: x[rows], x.shape[-1]),
+            "weight_hh": _per_example_product_moments(dz_t, lambda rows: h_prev[rows], hidden),
+            "bias": (bias_grads.sum(0), bias_grads.square().sum(0)),
         }
-        return batch, [(per_param[n].sum(0), per_param[n].square().sum(0)) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        return batch, [per_param[n] for n, p in module.named_parameters(recurse=False) if p.requires_grad]
 
     # ---------------------------------------------------------------- result
     def compute(self) -> dict[nn.Parameter, Tensor]:
@@ -396,11 +464,16 @@ class BatchVarianceEstimator:
         batch = self._all_reduce(sums, squares, batch)
         self.batch_size = batch
         result: dict[nn.Parameter, Tensor] = {}
+        if batch < 2:
+            raise BatchVarianceError(f"the mini-batch variance needs at least 2 examples, got B = {batch}")
         for p, s1, s2 in zip(params, sums, squares):
-            var = batch_variance_from_moments(s1, s2, batch).to(p.dtype)
-            p.grad_batch_variance = var
-            p.grad_batch_mean = (s1 / batch).to(p.dtype)
-            result[p] = var
+            # batch_variance_from_moments, in place on the sums this step owns (three passes
+            # instead of six over the largest layer).
+            mean = s1.div_(batch)
+            var = s2.div_(batch).addcmul_(mean, mean, value=-1).div_(batch - 1).clamp_min_(0.0)
+            p.grad_batch_variance = var.to(p.dtype)
+            p.grad_batch_mean = mean.to(p.dtype)
+            result[p] = p.grad_batch_variance
         return result
 
     def _all_reduce(self, sums: list[Tensor], squares: list[Tensor], batch: int) -> int:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_msvag import batch_variance
 from lightning_msvag.batch_variance import BatchVarianceError, BatchVarianceEstimator, batch_variance_from_moments
 from models import CharLSTM, ThreeC3D, TwoC2D
 from models import WideResNet404
@@ -71,8 +72,10 @@ def _small_lstm():
     return model, x, y
 
 
-@pytest.mark.parametrize("problem", ["2c2d", "3c3d", "char_lstm"])
-def test_matches_per_example_backward_passes(problem):
+@pytest.mark.parametrize("problem", ["2c2d", "3c3d", "char_lstm", "char_lstm_chunked"])
+def test_matches_per_example_backward_passes(problem, monkeypatch):
+    if problem.endswith("_chunked"):  # one example per chunk in the per-example products
+        monkeypatch.setattr(batch_variance, "_CHUNK_ELEMENTS", 1)
     torch.manual_seed(0)
     if problem == "2c2d":
         model, x, y = TwoC2D(weight_decay=0.01).double(), torch.randn(3, 1, 28, 28, dtype=torch.float64), torch.tensor([1, 4, 1])
@@ -295,10 +298,10 @@ class _StridedConvNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.a = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.a = nn.Conv2d(2, 3, 3, stride=(2, 1), padding=1)
         self.b = nn.Conv2d(3, 4, 3, dilation=2, padding=(2, 1))
         self.c = nn.Conv2d(4, 2, (3, 2), padding=(1, 0))
-        self.fc = nn.Linear(2 * 5 * 2, 3)
+        self.fc = nn.Linear(2 * 5 * 6, 3)
 
     def forward(self, x):
         return self.fc(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))).flatten(1))
@@ -307,9 +310,12 @@ class _StridedConvNet(nn.Module):
         return 0.01 * sum((p**2).sum() for p in self.parameters())
 
 
-def test_strided_dilated_and_rectangular_convolutions_match_per_example_passes():
-    """The per-example conv rule (unfold + bmm) with stride, dilation, rectangular kernels and
-    asymmetric padding against the brute force."""
+@pytest.mark.parametrize("chunk_elements", [1 << 20, 1])
+def test_strided_dilated_and_rectangular_convolutions_match_per_example_passes(monkeypatch, chunk_elements):
+    """The per-example conv rule (strided patches + bmm) with stride, dilation, rectangular
+    kernels and asymmetric padding against the brute force; with ``chunk_elements=1`` every
+    example is its own chunk (the chunked sums must add up to the one-chunk result)."""
+    monkeypatch.setattr(batch_variance, "_CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(2)
     model = _StridedConvNet().double()
     x, y = torch.randn(5, 2, 9, 9, dtype=torch.float64), torch.tensor([0, 2, 1, 2, 0])
