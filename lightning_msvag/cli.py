@@ -62,6 +62,7 @@ from .errors import UserError
 from .fault_tolerance import (
     CheckpointError,
     checkpoint_optimizer_classes,
+    checkpoint_optimizer_variances,
     fault_tolerance_callbacks,
     verify_checkpoint_archive,
 )
@@ -329,7 +330,17 @@ def _refuse_another_optimizer(config: Any, ckpt_path: Path) -> None:
     if requested is None or not saved_paths:
         return
     saved = _import_class(saved_paths[0])
-    if saved is None or saved is requested:
+    if saved is requested:
+        variances = checkpoint_optimizer_variances(ckpt_path)
+        wanted = _get(_get(_get(config, "optimizer"), "init_args"), "variance") or "moving_average"
+        if variances and variances[0] is not None and variances[0] != wanted:
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} was trained with {_class_label(saved)}(variance={variances[0]!r}), this run "
+                f"asks for variance={wanted!r}: the state's exp_avg_sq holds the other estimator's numbers. Resume with "
+                f"--optimizer.init_args.variance={variances[0]}, or start a new run without --ckpt_path"
+            )
+        return
+    if saved is None:
         return
     raise CheckpointError(
         f"checkpoint {ckpt_path} was trained with {_class_label(saved)}, this run asks for "

@@ -49,6 +49,7 @@ __all__ = [
     "PreemptionCheckpoint",
     "check_checkpoint_contents",
     "checkpoint_optimizer_classes",
+    "checkpoint_optimizer_variances",
     "fault_tolerance_callbacks",
     "rng_state",
     "set_rng_state",
@@ -292,6 +293,17 @@ def checkpoint_optimizer_classes(path: "str | os.PathLike") -> List[str]:
         class_path = optimizer.get("class_path") if isinstance(optimizer, dict) else optimizer
         return [str(class_path)] if class_path else []
     return []
+
+
+def checkpoint_optimizer_variances(path: "str | os.PathLike") -> List[Optional[str]]:
+    """The ``variance`` estimator recorded in each optimizer state of the checkpoint at ``path``
+    (``None`` where a state does not say: another class, or a checkpoint of 0.1.0); ``[]`` if unreadable."""
+    try:
+        checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # an unreadable file is reported by the checks that load it
+        return []
+    states = checkpoint.get("optimizer_states") if isinstance(checkpoint, dict) else None
+    return [s.get("variance") if isinstance(s, dict) else None for s in states or []]
 
 
 class _CheckedCheckpointIO(CheckpointIO):

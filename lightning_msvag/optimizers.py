@@ -354,6 +354,25 @@ class _VarianceAdapted(DissectedOptimizer):
         return [factor.gamma for factor in dissected_factors(self)]
 
 
+#: Top-level key of a variance-adapted optimizer's state dict: the estimator behind exp_avg_sq.
+VARIANCE_KEY = "variance"
+
+
+def _record_variance(optimizer: "_VarianceChoice", state_dict: dict) -> None:
+    state_dict[VARIANCE_KEY] = optimizer.rule.variance
+
+
+def _check_variance(optimizer: "_VarianceChoice", state_dict: dict) -> None:
+    saved = state_dict.get(VARIANCE_KEY)  # absent: a state dict of 0.1.0 (moving average only) or of another class
+    if saved is not None and saved != optimizer.rule.variance:
+        name = type(optimizer).__name__
+        raise ValueError(
+            f"{name}: this state was built with variance={saved!r}, the optimizer has variance="
+            f"{optimizer.rule.variance!r}; exp_avg_sq holds another estimator's numbers (docs/algorithm.md §1.1): "
+            f"build {name}(..., variance={saved!r}) to load it"
+        )
+
+
 class _VarianceChoice(_VarianceAdapted):
     """The constructor switch ``variance`` of the variance-adapted members (docs/algorithm.md §1.1).
 
@@ -372,8 +391,16 @@ class _VarianceChoice(_VarianceAdapted):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, beta: float = 0.9, *,
                  variance: str = "moving_average", **kwargs) -> None:
-        self.rule = type(self).rule_for(variance=variance)
+        self._init_with_rule(params, lr, beta, dict(variance=variance), kwargs)
+
+    def _init_with_rule(self, params: Iterable, lr: float, beta: float, rule_args: dict, kwargs: dict) -> None:
+        self.rule = type(self).rule_for(**rule_args)
         super().__init__(params, lr, beta, **kwargs)
+        # exp_avg_sq holds v~ (moving average) or var̂[m]'s raw u / σ̂² (mini-batch): the state
+        # dict says which, and a load into the other estimator is refused (torch's public hooks;
+        # torch ignores the extra top-level key).
+        self.register_state_dict_post_hook(_record_variance)
+        self.register_load_state_dict_pre_hook(_check_variance)
 
     @classmethod
     def rule_for(cls, **init_args) -> UpdateRule:
@@ -499,8 +526,7 @@ class MSSDVA(_VarianceChoice):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, beta: float = 0.9, *, factor: str = "erf",
                  variance: str = "moving_average", **kwargs) -> None:
-        self.rule = type(self).rule_for(factor=factor, variance=variance)
-        super(_VarianceChoice, self).__init__(params, lr, beta, **kwargs)
+        self._init_with_rule(params, lr, beta, dict(factor=factor, variance=variance), kwargs)
 
     @torch.no_grad()
     def sign_factors(self) -> List[Tensor]:

@@ -403,6 +403,20 @@ def test_resume_with_another_optimizer_is_refused_in_one_line(tmp_path, tolstoi_
     assert torch.load(last, weights_only=True)["global_step"] == 2  # nothing trained
 
 
+def test_resume_with_the_other_variance_estimator_is_refused_in_one_line(tmp_path, tolstoi_dir, capsys):
+    """M-SVAG's exp_avg_sq holds v~ (moving average) or u (mini-batch): a checkpoint of one does
+    not resume into the other (the optimizer state records the estimator)."""
+    assert main(_tiny_fit(tmp_path, tolstoi_dir, 2)) == 0
+    last = tmp_path / "logs" / "tolstoi_char_rnn" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["optimizer_states"][0]["variance"] == "moving_average"
+    capsys.readouterr()
+    assert main(_tiny_fit(tmp_path, tolstoi_dir, 4, "--optimizer", "m-svag-mb", "--ckpt_path", "last")) == 1
+    err = capsys.readouterr().err
+    (line,) = _error_lines(err)
+    assert "variance='moving_average'" in line and "variance='minibatch'" in line and "Traceback" not in err
+    assert torch.load(last, weights_only=True)["global_step"] == 2  # nothing trained
+
+
 @pytest.mark.parametrize("option,lr", [
     (["--optimizer", "Adam"], 0.001), (["--optimizer", "mssd"], 0.001), (["--optimizer", "m-ssd"], 0.001),
     (["--optimizer=m-sgd"], 0.1), (["--optimizer", "m-ssd", "--optimizer.lr", "0.01"], 0.01),

@@ -282,3 +282,28 @@ def test_fused_minibatch_with_estimate_of_another_dtype_falls_back_with_same_num
         results.append([p.detach().clone() for p in params])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [lm.MSVAG, lm.SVAG, lm.MSSDVA])
+def test_state_dict_records_the_estimator_and_refuses_the_other(cls):
+    """exp_avg_sq holds v~ (moving average) or u / σ̂² (mini-batch): the state dict says which,
+    the same estimator loads it, the other is refused before anything changes, and a state
+    dict without the record (0.1.0) still loads."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad, p.grad_batch_variance = torch.randn(5), torch.rand(5)
+    saved = {}
+    for variance in ("moving_average", "minibatch"):
+        opt = cls([p], lr=0.1, variance=variance)
+        opt.step()
+        saved[variance] = opt.state_dict()
+        assert saved[variance]["variance"] == variance
+    for variance, other in (("moving_average", "minibatch"), ("minibatch", "moving_average")):
+        target = cls([p], lr=0.1, variance=variance)
+        target.load_state_dict(saved[variance])
+        before = {k: v.clone() for k, v in target.state[p].items()}
+        with pytest.raises(ValueError, match=f"built with variance='{other}'"):
+            target.load_state_dict(saved[other])
+        assert all(torch.equal(before[k], v) for k, v in target.state[p].items())
+    legacy = {k: v for k, v in saved["moving_average"].items() if k != "variance"}
+    cls([p], lr=0.1).load_state_dict(legacy)
