@@ -37,3 +37,21 @@ def test_similar_rows_verdicts_and_margins():
 def test_similar_rows_absent_without_the_methods():
     result = _result(**{"m-sgd": (2.0, 0.01, 0.4, 0.01), "adam": (1.9, 0.03, 0.45, 0.004)})
     assert not any(row["kind"] == "similar" for row in evaluate_claims(result))
+
+
+def test_similar_over_the_run_uses_each_steps_seed_noise():
+    """Along the run a similar row holds where |A − B| ≤ √(std_A² + std_B²) at that step (a strict
+    equality of two means would never hold); the other rows keep the strict order."""
+    result = _result(**{"m-svag": (2.0, 0.01, 0.40, 0.01), "m-svag-mb": (2.01, 0.01, 0.40, 0.01)})
+    steps = [100, 200, 300]
+    curves = {  # eval accuracy: 0.1 apart at step 100 (noise 0.014), then 0.005 (noise 0.014), then 0.02 (noise 0.028)
+        "m-svag": {"mean": [0.30, 0.35, 0.40], "std": [0.01, 0.01, 0.02]},
+        "m-svag-mb": {"mean": [0.20, 0.355, 0.42], "std": [0.01, 0.01, 0.02]},
+    }
+    for name, acc in curves.items():
+        result["methods"][name]["curves"] = {"n": 3, "eval": {"step": steps, "test_accuracy": acc}}
+    rows = {row["key"]: row for row in evaluate_claims(result)}
+    track = rows["similar-m-svag-mb-m-svag-test_accuracy"]["over_run"]["eval"]
+    assert track["held"] == [False, True, True]
+    assert track["since_step"] == 200 and track["changes_at"] == [200]
+    assert track["margins"] == pytest.approx([-0.1, -0.005, -0.02])

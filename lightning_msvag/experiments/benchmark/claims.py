@@ -23,7 +23,9 @@ accuracy, higher is better; values are the means over seeds; "noise" is √(std_
 
 Over the run: the same rule's margin is computed on the mean curves (training loss: the mini-batch
 loss, smoothed as in benchmark.png; test accuracy: the evaluations) and the table says since which
-step the final order holds, or at which step(s) it changed.
+step the final order holds, or at which step(s) it changed. The order is strict (no noise allowance),
+except for *similar*, which holds at a step when |A − B| is at most that step's noise (the seeds'
+std of the two curves there).
 """
 
 from __future__ import annotations
@@ -180,22 +182,27 @@ def _verdict(claim: Claim, m: float, in_order: Optional[bool], noise: float) -> 
     return "holds within noise" if -m <= noise else "does not hold"
 
 
-def _holds(claim: Claim, values: Mapping[str, float]) -> bool:
+def _holds(claim: Claim, values: Mapping[str, float], noise: float = 0.0) -> bool:
+    """Strict order of the means for every kind but *similar*, which holds within ``noise``."""
     m, in_order = margin(claim, values)
-    return _verdict(claim, m, in_order, 0.0) == "holds"
+    verdict = _verdict(claim, m, in_order, noise)
+    return verdict == ("holds within noise" if claim.kind == "similar" else "holds")
 
 
-def _curve(info: Mapping[str, Any], metric: str, source: str) -> Optional[Dict[int, float]]:
-    """A method's mean curve: ``source`` "eval" (the evaluations) or "mini_batch" (smoothed training loss)."""
+def _curve(info: Mapping[str, Any], metric: str, source: str) -> Optional[Dict[int, Tuple[float, float]]]:
+    """A method's curve, step → (mean, std over seeds): ``source`` "eval" (the evaluations) or
+    "mini_batch" (smoothed training loss)."""
     curves = info.get("curves") or {}
     if source == "mini_batch":
         c = curves.get("train_smoothed")
-        return dict(zip(c["step"], c["loss"]["mean"])) if c else None
-    c = curves.get("eval") or {}
-    name = "train_eval_loss" if metric == "train_loss" else "test_accuracy"
-    if name not in c:
+        values = c["loss"] if c else None
+    else:
+        c = curves.get("eval") or {}
+        values = c.get("train_eval_loss" if metric == "train_loss" else "test_accuracy")
+    if not values:
         return None
-    return dict(zip(c["step"], c[name]["mean"]))
+    std = values.get("std") or [0.0] * len(values["mean"])
+    return {t: (mean, sd or 0.0) for t, mean, sd in zip(c["step"], values["mean"], std)}
 
 
 def _track(claim: Claim, methods: Mapping[str, Any], source: str) -> Optional[Dict[str, Any]]:
@@ -206,8 +213,11 @@ def _track(claim: Claim, methods: Mapping[str, Any], source: str) -> Optional[Di
     steps = sorted(set.intersection(*(set(c) for c in curves.values())))
     if not steps:
         return None
-    held = [_holds(claim, {m: c[t] for m, c in curves.items()}) for t in steps]
-    margins = [margin(claim, {m: c[t] for m, c in curves.items()})[0] for t in steps]
+    def noise(t: int) -> float:  # the similar rows' per-point noise, as the final verdict's
+        return math.sqrt(curves[claim.a[0]][t][1] ** 2 + curves[claim.b[0]][t][1] ** 2) if claim.kind == "similar" else 0.0
+
+    held = [_holds(claim, {m: c[t][0] for m, c in curves.items()}, noise(t)) for t in steps]
+    margins = [margin(claim, {m: c[t][0] for m, c in curves.items()})[0] for t in steps]
     changes = [steps[i] for i in range(1, len(steps)) if held[i] != held[i - 1]]
     since = steps[0]
     for i in range(len(steps) - 1, 0, -1):
