@@ -324,3 +324,40 @@ def test_strided_dilated_and_rectangular_convolutions_match_per_example_passes(m
     for p, (_, _, var) in expected.items():
         assert var.abs().max() > 0
         torch.testing.assert_close(result[p], var, rtol=1e-9, atol=1e-15)
+
+
+class _StateReadingLSTM(nn.Module):
+    """One LSTM layer whose loss reads its outputs *and* its final (h, c): the hand-written
+    backward through time must start from all three gradients."""
+
+    def __init__(self):
+        super().__init__()
+        from models.char_rnn import TFLSTMLayer
+
+        self.layer = TFLSTMLayer(3, 4)
+        self.head = nn.Linear(4, 5)
+        self.to_h = nn.Linear(4, 1, bias=False)
+        self.to_c = nn.Linear(4, 1, bias=False)
+
+    def per_example_losses(self, x, y, state):
+        out, (h, c) = self.layer(x, state)
+        ce = F.cross_entropy(self.head(out).transpose(1, 2), y, reduction="none").mean(1)
+        return ce + self.to_h(torch.tanh(h[0])).squeeze(1) + self.to_c(torch.tanh(c[0])).squeeze(1)
+
+
+def test_lstm_layer_with_loss_on_the_final_state_matches_per_example_passes():
+    torch.manual_seed(3)
+    model = _StateReadingLSTM().double()
+    x, y = torch.randn(4, 6, 3, dtype=torch.float64), torch.randint(0, 5, (4, 6))
+    state = tuple(0.5 * torch.randn(1, 4, 4, dtype=torch.float64) for _ in range(2))  # carried, detached
+    params = list(model.parameters())
+    per_example = [torch.autograd.grad(model.per_example_losses(x, y, state)[k], params) for k in range(4)]
+    est = BatchVarianceEstimator(model)
+    with est.record():
+        model.per_example_losses(x, y, state).mean().backward()
+    result = est.compute()
+    for i, p in enumerate(params):
+        g = torch.stack([grads[i] for grads in per_example])
+        expected = (g.square().mean(0) - g.mean(0).square()) / 3
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(result[p], expected, rtol=1e-9, atol=1e-15)
