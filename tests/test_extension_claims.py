@@ -29,8 +29,9 @@ def test_similar_rows_verdicts_and_margins():
     assert loss["verdict"] == "holds within noise"
     acc = rows["similar-m-ssd-va-adam-test_accuracy"]  # 0.05 apart, noise 0.005
     assert acc["verdict"] == "does not hold" and acc["noise"] == pytest.approx(math.hypot(0.003, 0.004))
-    # the mini-batch M-SVAG was not run: its rows are left out (optional), not "n/a"
-    assert not any(key.startswith("similar-m-svag-mb") for key in rows)
+    # the mini-batch M-SVAG and M-SSD-VA with Adam's factor were not run: their rows are left
+    # out (optional), not "n/a"
+    assert not any(key.startswith(("similar-m-svag-mb", "similar-m-ssd-va-sqrt")) for key in rows)
     assert rows["va-m-svag-train_loss"]["verdict"] in ("holds", "holds within noise", "does not hold")
 
 
@@ -55,3 +56,11 @@ def test_similar_over_the_run_uses_each_steps_seed_noise():
     assert track["held"] == [False, True, True]
     assert track["since_step"] == 200 and track["changes_at"] == [200]
     assert track["margins"] == pytest.approx([-0.1, -0.005, -0.02])
+
+
+def test_the_sqrt_factor_row_compares_with_adam():
+    result = _result(**{"adam": (1.90, 0.03, 0.45, 0.004), "m-ssd-va-sqrt": (1.95, 0.01, 0.44, 0.004)})
+    rows = {row["key"]: row for row in evaluate_claims(result)}
+    loss = rows["similar-m-ssd-va-sqrt-adam-train_loss"]  # 0.05 apart, noise 0.032
+    assert loss["groups"] == [["m-ssd-va-sqrt"], ["adam"]] and loss["verdict"] == "does not hold"
+    assert rows["similar-m-ssd-va-sqrt-adam-test_accuracy"]["verdict"] == "does not hold"  # 0.01 apart, noise 0.0057

@@ -112,6 +112,7 @@ _EXTENSIONS = [
     Claim(f"similar-{a}-{b}-{m}", text, "similar", m, (a,), (b,), optional=True)
     for a, b, text in (
         ("m-ssd-va", "adam", "M-SSD-VA (sign + variance adaptation, the paper's estimator) ≈ Adam"),
+        ("m-ssd-va-sqrt", "adam", "M-SSD-VA with Adam's factor (1+η²)^(−½) ≈ Adam: only the estimator differs"),
         ("m-svag-mb", "m-svag", "The two variance estimators perform similarly: M-SVAG mini-batch ≈ M-SVAG"),
     )
     for m in ("train_loss", "test_accuracy")
