@@ -394,8 +394,8 @@ class BatchVarianceEstimator:
         # an LSTM, so dℓ/dz_t of the batch loss holds every example's own gradient in its row.
         h_prev = torch.cat([h0[0].to(dtype).unsqueeze(1), out[:, :-1]], 1)  # [B, T, H]
         # Time-major from here: the recursions below take contiguous [B, ·] slices per step.
-        z = (x @ w_ih.t() + bias).transpose(0, 1).contiguous()  # [T, B, 4H]
-        z += h_prev.transpose(0, 1) @ w_hh.t()
+        inputs = torch.cat([x, h_prev], 2)  # [B, T, in + H]: both weights' right factors at once
+        z = (inputs @ torch.cat([w_ih, w_hh], 1).t() + bias).transpose(0, 1).contiguous()  # [T, B, 4H]
         gates = z.view(steps, batch, 4, hidden)
         i_g, f_g, o_g = gates[:, :, 0].sigmoid(), gates[:, :, 1].sigmoid(), gates[:, :, 3].sigmoid()
         g_g = gates[:, :, 2].tanh()
@@ -427,9 +427,11 @@ class BatchVarianceEstimator:
         dz *= batch if self.loss_reduction == "mean" else 1
         dz_t = dz.transpose(1, 2)
         bias_grads = dz.sum(1)
+        s1, s2 = _per_example_product_moments(dz_t, lambda rows: inputs[rows], inputs.shape[-1])
+        width = x.shape[-1]
         per_param = {
-            "weight_ih": _per_example_product_moments(dz_t, lambda rows: x[rows], x.shape[-1]),
-            "weight_hh": _per_example_product_moments(dz_t, lambda rows: h_prev[rows], hidden),
+            "weight_ih": (s1[:, :width].contiguous(), s2[:, :width].contiguous()),
+            "weight_hh": (s1[:, width:].contiguous(), s2[:, width:].contiguous()),
             "bias": (bias_grads.sum(0), bias_grads.square().sum(0)),
         }
         return batch, [per_param[n] for n, p in module.named_parameters(recurse=False) if p.requires_grad]
