@@ -299,6 +299,7 @@ def test_benchmark_end_to_end_resume_and_collect(tmp_path, tolstoi_dir, one_thre
     assert results["methods"]["m-sgd"]["chosen_lr"] == 1.0
     assert results["methods"]["m-sgd"]["final_test_accuracy"]["n"] == 2
     assert results["methods"]["m-sgd"]["step_time_rel_m_sgd"] == 1.0
+    assert results["step_time_reference"] == "m-sgd" and results["methods"]["m-sgd"]["step_time_rel"] == 1.0
     summary = (out / "summary.md").read_text()
     assert "| M-SGD | 1e+06 | diverged |" in summary and "| M-SSD | 0.01 ★ | done |" in summary
     rows = _rows(out / "curves.csv")
@@ -463,6 +464,26 @@ def test_claims_rebuilt_from_results_json_alone(tmp_path):
     assert new["budget"]["paper_steps"] == 209_000 and new["methods"] == old["methods"]
     summary = (tmp_path / "summary.md").read_text()
     assert "n/a (no curves in results.json)" in summary and "209,000 steps" in summary
+    assert "| time/step vs M-SGD |" in summary and "| M-SVAG | 1 | 1 |" in summary
+
+
+def test_step_times_relative_to_the_first_method_without_msgd(tmp_path):
+    """A benchmark without M-SGD (e.g. the two M-SVAG estimators) gives step times relative to its
+    first method, and says so."""
+    from lightning_msvag.experiments.benchmark.report import summary_md
+
+    def method(time_s, rel):
+        return {"chosen_lr": 1.0, "largest_stable_lr": 1.0, "final_train_loss": {"mean": 2.0, "std": 0.01, "n": 3},
+                "final_test_accuracy": {"mean": 0.4, "std": 0.01, "n": 3}, "step_time_s": time_s,
+                "step_time_rel": rel, "step_time_rel_m_sgd": None, "search": [], "criterion": "final test accuracy",
+                "search_complete": True, "seeds_done": [42, 43, 44], "seeds_not_done": []}
+
+    result = {"problem": "tolstoi_char_rnn", "command": "…", "step_time_reference": "m-svag",
+              "settings": {"max_steps": 400, "val_check_interval": 100, "limit_val_batches": None, "seeds": [42, 43, 44]},
+              "methods": {"m-svag": method(0.1, 1.0), "m-svag-mb": method(0.2, 2.0)}, "claims": []}
+    summary = summary_md(result)
+    assert "| time/step vs M-SVAG |" in summary and "relative to M-SVAG" in summary
+    assert "| 3 | 2.00 |" in summary.splitlines()[[i for i, l in enumerate(summary.splitlines()) if "mini-batch" in l][0]]
 
 
 # ------------------------------------------------------- Fashion-MNIST offline recipe

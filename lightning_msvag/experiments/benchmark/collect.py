@@ -117,7 +117,9 @@ def collect(cfg: BenchmarkConfig, out: Path) -> Collection:
                  if s.method == method and r and r.get("status") == "done"
                  and (r.get("step_time_s") or {}).get("median") is not None]
         step_time[method] = float(np.mean(times)) if times else None
-    ref = step_time.get("m-sgd")
+    # Step times relative to M-SGD (the paper's base method); without it, to the first method.
+    reference = "m-sgd" if "m-sgd" in cfg.methods else cfg.methods[0]
+    ref = step_time.get(reference)
     for method in cfg.methods:
         lr = choice[method]["lr"]
         search_rows = []
@@ -157,7 +159,8 @@ def collect(cfg: BenchmarkConfig, out: Path) -> Collection:
             "seeds_done": sorted(s.seed for s, _ in done),
             "seeds_not_done": unfinished,
             "step_time_s": step_time[method],
-            "step_time_rel_m_sgd": (step_time[method] / ref) if (ref and step_time[method]) else None,
+            "step_time_rel": (step_time[method] / ref) if (ref and step_time[method]) else None,
+            "step_time_rel_m_sgd": (step_time[method] / ref) if (ref and step_time[method] and reference == "m-sgd") else None,
             "search": search_rows,
             "final_per_seed": [{"seed": s.seed, "train_loss": final_metric(r, train_key),
                                 "test_loss": final_metric(r, "test/loss"),
@@ -178,6 +181,7 @@ def collect(cfg: BenchmarkConfig, out: Path) -> Collection:
         },
         "command": command_line(cfg, keep=("--jobs",)),
         "methods": methods,
+        "step_time_reference": reference,
         "runs": {s.name: (r.get("status") if r else "missing") for s, r in records.items()},
     }
     result["budget"] = paper_budget(result)
