@@ -361,3 +361,39 @@ def test_lstm_layer_with_loss_on_the_final_state_matches_per_example_passes():
         expected = (g.square().mean(0) - g.mean(0).square()) / 3
         assert expected.abs().max() > 0
         torch.testing.assert_close(result[p], expected, rtol=1e-9, atol=1e-15)
+
+
+def test_moving_average_and_minibatch_estimates_agree_at_a_fixed_point():
+    """Two independent estimators of the same var[m]: at a fixed θ (α = 0) on i.i.d. mini-batches,
+    M-SVAG's moving-average ρ s (docs/algorithm.md §1) and the mini-batch var̂[m] = u/(1−β^k)²
+    built from the estimator's σ̂² (§1.1) agree on average over coordinates and steps. (During
+    training they do not: the moving average also sees the drift of the true gradient.)"""
+    from lightning_msvag import MSVAG
+    from lightning_msvag.rule import bias_correction, variance_ratio
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = MSVAG(model.parameters(), lr=0.0, beta=0.9)
+    est = BatchVarianceEstimator(model)
+    params = list(model.parameters())
+    u = [torch.zeros_like(p) for p in params]
+    teacher = torch.randn(12, 3)
+    sums = {"ma": 0.0, "mb": 0.0}
+    for k in range(1, 301):
+        x = torch.randn(32, 12) + 0.5
+        y = x @ teacher + 0.3 * torch.randn(32, 3)
+        opt.zero_grad()
+        with est.record():
+            F.mse_loss(model(x), y).backward()
+        est.compute()
+        opt.step()
+        for ui, p in zip(u, params):
+            ui.mul_(0.81).add_(p.grad_batch_variance, alpha=0.01)
+        if k > 50:  # both past their start-up
+            bc, rho = bias_correction(0.9, k), variance_ratio(0.9, k)
+            for ui, p in zip(u, params):
+                m, v = opt.state[p]["exp_avg"] / bc, opt.state[p]["exp_avg_sq"] / bc
+                sums["ma"] += float((rho / (1 - rho) * (v - m.square())).sum())
+                sums["mb"] += float((ui / bc**2).sum())
+    assert sums["mb"] > 0
+    assert sums["ma"] / sums["mb"] == pytest.approx(1.0, abs=0.05)
