@@ -282,7 +282,7 @@ def _torch_dirs():
 def _flags() -> tuple:
     include, lib = _torch_dirs()
     flags = [
-        "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
+        "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", "-fno-math-errno",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         "-isystem", include,
     ]
