@@ -12,6 +12,9 @@ same tensors, "best SGD-m" the fastest of torch SGD-momentum default / foreach.
     python benchmarks/optimizer_step.py [--rounds 7] [--sets wrn,100x89723,2000x1000,4x2.5m,100m]
                                         [--threads N] [--no-first-step] [--device cuda]
 
+``--extended`` adds M-SSD-VA with both factors (erf, √γ) to the variants and prints, under each
+row, their default step over best Adam.
+
 ``--device cuda`` times the same table on a GPU (synchronised around each step;
 "transient" is the peak of torch.cuda.max_memory_allocated above the memory allocated
 before the step), with three more kinds of variant: torch's fused SGD-momentum (part of
@@ -88,8 +91,22 @@ LAYOUTS = {
 
 OURS = {"M-SVAG": lm.MSVAG, "SVAG": lm.SVAG, "M-SSD": lm.MSSD, "M-SGD": lm.MSGD}
 
+
+class MSSDVASqrt(lm.MSSDVA):
+    """M-SSD-VA with Adam's factor √γ (registry ``m-ssd-va-sqrt``), as a class for the table."""
+
+    rule = lm.MSSDVA.rule_for(factor="sqrt")
+
+    def __init__(self, params, lr=1e-3, **kwargs):
+        super().__init__(params, lr, factor="sqrt", **kwargs)
+
+
+#: ``--extended``: the fourth corner (docs/algorithm.md §1.2), compared with best Adam
+EXTENDED = {"M-SSD-VA": lm.MSSDVA, "M-SSD-VA sqrt": MSSDVASqrt}
+
 #: bytes the update must move per element, in units of the element size (Adam's traffic)
-TRAFFIC = {"M-SVAG": 7, "SVAG": 7, "M-SSD": 5, "M-SGD": 5}  # read g, θ, m~(, v~); write θ, m~(, v~)
+TRAFFIC = {"M-SVAG": 7, "SVAG": 7, "M-SSD": 5, "M-SGD": 5,  # read g, θ, m~(, v~); write θ, m~(, v~)
+           "M-SSD-VA": 7, "M-SSD-VA sqrt": 7}
 
 
 class DirectTriton:
@@ -310,7 +327,11 @@ def main() -> None:
                         help="the fused Triton columns (always on CUDA; on CPU only under TRITON_INTERPRET=1, "
                         "a smoke run: use --sets tiny)")
     parser.add_argument("--bandwidth-set", default="100m", help="the layout whose bandwidth is reported (triton)")
+    parser.add_argument("--extended", action="store_true",
+                        help="also M-SSD-VA (erf and √γ factors): a line per layout with their default step / best Adam")
     args = parser.parse_args()
+    if args.extended:
+        OURS.update(EXTENDED)
     if args.threads:
         torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -342,6 +363,11 @@ def main() -> None:
                      f"| {t.get('M-SSD', float('nan')):12.2f} | {t.get('M-SGD', float('nan')):12.2f} "
                      f"| {r['triton_transient']:16.2f} |")
         print(line, flush=True)
+        if args.extended:
+            best_adam = min(medians[f"torch Adam ({k})"] for k in ("default", "foreach", "fused"))
+            print("    " + ", ".join(f"{name} / best Adam {medians[f'{name} (default)'] / best_adam:.2f}"
+                                     + (f" (triton {medians[f'{name} (triton)'] / best_adam:.2f})" if triton else "")
+                                     for name in EXTENDED), flush=True)
         if args.details:
             for name, seconds in medians.items():
                 print(f"    {name:28s} {seconds * 1e3:9.3f} ms   transient {transient.get(name, float('nan')):.2f}", flush=True)
