@@ -64,3 +64,20 @@ def test_the_sqrt_factor_row_compares_with_adam():
     loss = rows["similar-m-ssd-va-sqrt-adam-train_loss"]  # 0.05 apart, noise 0.032
     assert loss["groups"] == [["m-ssd-va-sqrt"], ["adam"]] and loss["verdict"] == "does not hold"
     assert rows["similar-m-ssd-va-sqrt-adam-test_accuracy"]["verdict"] == "does not hold"  # 0.01 apart, noise 0.0057
+
+
+def test_rows_of_methods_the_benchmark_did_not_run_are_left_out_and_similar_says_who_is_better():
+    """A benchmark of only the extension methods has no M-SGD/M-SSD rows (not a column of n/a);
+    a method that was run but has no result still gives n/a; a similar row names the better one."""
+    from lightning_msvag.experiments.benchmark.report import claims_md
+
+    result = _result(**{"m-ssd-va": (0.26, 0.012, 0.884, 0.003), "adam": (0.30, 0.016, 0.876, 0.007)})
+    result["problem"] = "fmnist_2c2d"
+    result["settings"]["methods"] = ["m-ssd-va", "adam", "m-svag"]  # M-SVAG ran, without a result
+    rows = {row["key"]: row for row in evaluate_claims(result)}
+    assert not any(set(row["groups"][0] + row["groups"][1]) & {"m-sgd", "m-ssd"} for row in rows.values())
+    assert not any("m-svag" in row["groups"][0] + row["groups"][1] for row in rows.values())  # needs M-SGD too
+    assert rows["similar-m-ssd-va-adam-train_loss"]["verdict"] == "does not hold"
+    text = "\n".join(claims_md({**result, "claims": list(rows.values())}))
+    assert "means 0.0400 apart, M-SSD-VA better (noise 0.0200)" in text
+    assert "means 0.0080 apart, M-SSD-VA better" in text

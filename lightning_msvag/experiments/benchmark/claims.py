@@ -260,10 +260,13 @@ def evaluate_claims(result: Mapping[str, Any]) -> List[Dict[str, Any]]:
     """The claims table of a ``results.json`` dictionary: one row per applicable observation."""
     methods = result.get("methods") or {}
     budget = result.get("budget") or paper_budget(result)
+    ran = (result.get("settings") or {}).get("methods")  # None: an old results.json, every row
     rows = []
     for claim in claims_for(result.get("problem", "")):
         key, _, _, _ = METRICS[claim.metric]
         needed = claim.a + claim.b
+        if ran is not None and not set(needed) <= set(ran):
+            continue  # the benchmark did not compare these methods (a run without a result stays n/a)
         stats = {m: (methods.get(m) or {}).get(key) or {} for m in needed}
         row: Dict[str, Any] = {"key": claim.key, "claim": claim.text, "kind": claim.kind, "metric": claim.metric,
                                "groups": [list(claim.a), list(claim.b)],

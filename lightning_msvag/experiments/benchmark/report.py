@@ -205,6 +205,12 @@ def _measured(row: Mapping[str, Any]) -> str:
         return f"{method_label(m)} {_fmt(v['mean'], v['std'], digits)}"
 
     a, b = row["groups"]
+    if row["kind"] == "similar" and row.get("margin") is not None:
+        # the margin is −|A − B|: say by how much and which one is better
+        va, vb = row["values"][a[0]]["mean"], row["values"][b[0]]["mean"]
+        better = a[0] if (va < vb) == (row["metric"] == "train_loss") else b[0]
+        ahead = f", {method_label(better)} better" if va != vb else ""
+        return f"{one(a[0])} vs {one(b[0])}; means {abs(va - vb):.4f} apart{ahead} (noise {row['noise']:.4f})"
     if row["kind"] in ("at_least", "similar"):  # one method against one
         text = f"{one(a[0])} vs {one(b[0])}"
         if row.get("margin") is not None:
