@@ -13,7 +13,9 @@ reported, for each precision: ``32`` (float32) and ``bf16`` (forward and loss un
 Lightning's bf16-mixed).
 
     python benchmarks/problem_step_time.py [--device cuda] [--problems p2,p3,p4] [--precision 32,bf16]
-                                           [--steps 10] [--warmup 3] [--rounds 5]
+                                           [--steps 10] [--warmup 3] [--rounds 5] [--extended]
+
+``--extended`` adds M-SSD-VA with both factors (erf and √γ).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ PROBLEMS = {
 }
 
 
-def optimizers(device: str):
+def optimizers(device: str, extended: bool = False):
     cuda = device == "cuda"
     out = {
         "M-SVAG": lambda p: lm.MSVAG(p, lr=1e-4),
@@ -50,6 +52,9 @@ def optimizers(device: str):
         "Adam": lambda p: torch.optim.Adam(p, lr=1e-4, fused=True if cuda else None),
         "SGD-m": lambda p: torch.optim.SGD(p, lr=1e-4, momentum=0.9, fused=True if cuda else None),
     }
+    if extended:  # the fourth corner, both factors (docs/algorithm.md §1.2)
+        out["M-SSD-VA"] = lambda p: lm.MSSDVA(p, lr=1e-4)
+        out["M-SSD-VA sqrt"] = lambda p: lm.MSSDVA(p, lr=1e-4, factor="sqrt")
     if cuda:
         out["M-SVAG triton"] = triton_factory(lm.MSVAG, device)
         out["M-SSD triton"] = triton_factory(lm.MSSD, device)
@@ -69,7 +74,8 @@ def _steps(model, optimizer, batch, n: int, start: int, precision: str, device: 
         optimizer.step()
 
 
-def time_problem(cls, make_batch, device: str, precision: str, steps: int, warmup: int, rounds: int):
+def time_problem(cls, make_batch, device: str, precision: str, steps: int, warmup: int, rounds: int,
+                 extended: bool = False):
     """{optimizer: median ms/step}, every optimizer on its own copy of one initial model."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.manual_seed(0)
@@ -77,7 +83,7 @@ def time_problem(cls, make_batch, device: str, precision: str, steps: int, warmu
     initial = cls()
     initial.log = lambda *a, **k: None  # no trainer attached: logging is a no-op here
     runs = {}
-    for name, make in optimizers(device).items():
+    for name, make in optimizers(device, extended).items():
         model = copy.deepcopy(initial).to(device)
         model.log = lambda *a, **k: None
         model.train()
@@ -103,11 +109,12 @@ def main() -> None:
     parser.add_argument("--problems", default="p1,p2,p3,p4")
     parser.add_argument("--precision", default="32", help="comma-separated: 32, bf16")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--extended", action="store_true", help="also M-SSD-VA with both factors (erf, sqrt)")
     args = parser.parse_args()
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; ms per training step (median of {args.rounds} interleaved rounds "
           f"of {args.steps} steps)", flush=True)
-    names = list(optimizers(args.device))
+    names = list(optimizers(args.device, args.extended))
     header = f"| {'problem':32s} | prec | " + " | ".join(f"{n:>13s}" for n in names) + " | M-SVAG / Adam | M-SSD / SGD-m |"
     if args.device == "cuda":
         header += " triton M-SVAG / Adam | triton M-SSD / SGD-m |"
@@ -115,7 +122,7 @@ def main() -> None:
     for precision in args.precision.split(","):
         for key in args.problems.split(","):
             title, cls, make_batch = PROBLEMS[key]
-            ms = time_problem(cls, make_batch, args.device, precision, args.steps, args.warmup, args.rounds)
+            ms = time_problem(cls, make_batch, args.device, precision, args.steps, args.warmup, args.rounds, args.extended)
             line = (f"| {title:32s} | {precision:>4s} | " + " | ".join(f"{ms[n]:13.2f}" for n in names)
                     + f" | {ms['M-SVAG'] / ms['Adam']:13.3f} | {ms['M-SSD'] / ms['SGD-m']:13.3f} |")
             if args.device == "cuda":
