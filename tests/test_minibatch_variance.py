@@ -307,3 +307,18 @@ def test_state_dict_records_the_estimator_and_refuses_the_other(cls):
         assert all(torch.equal(before[k], v) for k, v in target.state[p].items())
     legacy = {k: v for k, v in saved["moving_average"].items() if k != "variance"}
     cls([p], lr=0.1).load_state_dict(legacy)
+
+
+def test_cpu_kernel_float_erf_is_within_8_ulp_of_libm():
+    """The fused CPU kernel's float erf (a vectorizable rational approximation; float64 uses libm,
+    docs/algorithm.md §1.2) against math.erf, from the smallest normal arguments to erf = 1."""
+    if _cpu_kernel.kernel() is None:
+        pytest.skip("no C++ compiler: the fused CPU kernel is not built here")
+    x = np.concatenate([np.logspace(-37, 0.7, 20_000), np.linspace(0.0, 6.0, 20_001), [np.inf]]).astype(np.float32)
+    got = _cpu_kernel.erf_float(torch.from_numpy(x)).double().numpy()
+    want = np.array([math.erf(float(v)) for v in x])
+    ulp = np.spacing(want.astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(got - want) / ulp) <= 7.5
+    nonzero = want > 0
+    assert np.max(np.abs(got - want)[nonzero] / want[nonzero]) < 5e-7
+    assert got[x == 0].tolist() == [0.0] and got[-1] == 1.0 and got[x >= 4].min() == 1.0
