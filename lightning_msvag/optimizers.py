@@ -391,11 +391,13 @@ class _VarianceChoice(_VarianceAdapted):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, beta: float = 0.9, *,
                  variance: str = "moving_average", **kwargs) -> None:
-        self._init_with_rule(params, lr, beta, dict(variance=variance), kwargs)
-
-    def _init_with_rule(self, params: Iterable, lr: float, beta: float, rule_args: dict, kwargs: dict) -> None:
-        self.rule = type(self).rule_for(**rule_args)
+        self.rule = type(self).rule_for(variance=variance)
+        # A direct super().__init__(**kwargs): LightningCLI (jsonargparse) follows it to list
+        # the base class's options (foreach, fused, ...).
         super().__init__(params, lr, beta, **kwargs)
+        self._record_estimator()
+
+    def _record_estimator(self) -> None:
         # exp_avg_sq holds v~ (moving average) or var̂[m]'s raw u / σ̂² (mini-batch): the state
         # dict says which, and a load into the other estimator is refused (torch's public hooks;
         # torch ignores the extra top-level key).
@@ -526,7 +528,9 @@ class MSSDVA(_VarianceChoice):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, beta: float = 0.9, *, factor: str = "erf",
                  variance: str = "moving_average", **kwargs) -> None:
-        self._init_with_rule(params, lr, beta, dict(factor=factor, variance=variance), kwargs)
+        self.rule = type(self).rule_for(factor=factor, variance=variance)
+        super(_VarianceChoice, self).__init__(params, lr, beta, **kwargs)
+        self._record_estimator()
 
     @torch.no_grad()
     def sign_factors(self) -> List[Tensor]:

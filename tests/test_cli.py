@@ -479,3 +479,14 @@ def test_a_30_step_quick_look_shows_gamma(tmp_path, tolstoi_dir):
     assert main(_tiny_fit(tmp_path, tolstoi_dir, 30, "--trainer.log_every_n_steps", "10")) == 0
     tags = _scalar_tags(tmp_path / "logs")
     assert tags.get("gamma/all/mean") and all(0 <= g <= 1 for g in tags["gamma/all/mean"])
+
+
+@pytest.mark.parametrize("method", ["m-svag", "m-svag-mb", "m-ssd-va", "svag"])
+def test_base_class_options_reach_the_command_line(tmp_path, method):
+    """The variance-adapted classes take ``variance``/``factor`` and pass the rest to the base
+    class; LightningCLI must still offer the base options (``fused``, ``foreach``)."""
+    cli = build_cli(["--config", str(CONFIGS / "tolstoi_char_rnn.yaml"), "--data.data_dir", str(tmp_path),
+                     "--trainer.logger", "false", "--optimizer", method, "--optimizer.fused", "false",
+                     "--optimizer.foreach", "true"], run=False)
+    assert cli.config["optimizer"]["init_args"]["fused"] is False
+    assert cli.config["optimizer"]["init_args"]["foreach"] is True
