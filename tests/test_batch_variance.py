@@ -397,3 +397,41 @@ def test_moving_average_and_minibatch_estimates_agree_at_a_fixed_point():
                 sums["mb"] += float((ui / bc**2).sum())
     assert sums["mb"] > 0
     assert sums["ma"] / sums["mb"] == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("problem", ["2c2d", "char_lstm"])
+def test_bfloat16_autocast_estimate_is_close_to_the_float32_one(problem):
+    """Under bf16 autocast (Lightning's bf16-mixed) the captured activations and output
+    gradients are bfloat16 and are upcast: σ̂² is the float32 estimate to bfloat16's precision
+    (each parameter's total within 5 %), not garbage."""
+    torch.manual_seed(0)
+    if problem == "2c2d":
+        model = TwoC2D()
+        x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+
+        def loss_of(m):
+            return F.cross_entropy(m(x), y) + m.regularizer()
+    else:
+        model = CharLSTM(vocab_size=11, embedding_dim=8, hidden_size=16, num_layers=2, dropout=0.0)
+        x, y = torch.randint(0, 11, (8, 12)), torch.randint(0, 11, (8, 12))
+
+        def loss_of(m):
+            logits, _ = m(x)
+            return F.cross_entropy(logits.reshape(-1, 11), y.reshape(-1)) + m.regularizer()
+    model.train()
+    results = {}
+    for precision in ("32", "bf16"):
+        est = BatchVarianceEstimator(model)
+        model.zero_grad()
+        with est.record(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss_of(model).backward()
+        variances = est.compute()
+        est.close()
+        names = {p: n for n, p in model.named_parameters()}
+        results[precision] = {names[p]: v for p, v in variances.items()}
+    assert any(not torch.equal(results["32"][n], results["bf16"][n]) for n in results["32"])  # bf16 did act
+    for name, var32 in results["32"].items():
+        var16 = results["bf16"][name]
+        assert var16.dtype == torch.float32 and torch.isfinite(var16).all()
+        assert var32.sum() > 0
+        assert float(var16.sum() / var32.sum()) == pytest.approx(1.0, abs=0.05), name
