@@ -161,10 +161,16 @@ def batch_variance_from_moments(sum_grad: Tensor, sum_sq: Tensor, batch_size: in
     Clamped at 0: the bracket is a sum of squares about the mean and only round-off can make
     it negative.
     """
+    return _moments_to_variance_(sum_grad.clone(), sum_sq.clone(), batch_size)[1]
+
+
+def _moments_to_variance_(sum_grad: Tensor, sum_sq: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+    """``(ḡ, σ̂²)`` of :func:`batch_variance_from_moments`, overwriting ``sum_grad`` with ḡ and
+    ``sum_sq`` with σ̂² (three passes over the largest layer instead of six)."""
     if batch_size < 2:
         raise BatchVarianceError(f"the mini-batch variance needs at least 2 examples, got B = {batch_size}")
-    mean = sum_grad / batch_size
-    return ((sum_sq / batch_size - mean.square()) / (batch_size - 1)).clamp_min_(0.0)
+    mean = sum_grad.div_(batch_size)
+    return mean, sum_sq.div_(batch_size).addcmul_(mean, mean, value=-1).div_(batch_size - 1).clamp_min_(0.0)
 
 
 def _is_lstm_layer(module: nn.Module) -> bool:
@@ -466,13 +472,8 @@ class BatchVarianceEstimator:
         batch = self._all_reduce(sums, squares, batch)
         self.batch_size = batch
         result: dict[nn.Parameter, Tensor] = {}
-        if batch < 2:
-            raise BatchVarianceError(f"the mini-batch variance needs at least 2 examples, got B = {batch}")
         for p, s1, s2 in zip(params, sums, squares):
-            # batch_variance_from_moments, in place on the sums this step owns (three passes
-            # instead of six over the largest layer).
-            mean = s1.div_(batch)
-            var = s2.div_(batch).addcmul_(mean, mean, value=-1).div_(batch - 1).clamp_min_(0.0)
+            mean, var = _moments_to_variance_(s1, s2, batch)  # the sums are this step's own
             p.grad_batch_variance = var.to(p.dtype)
             p.grad_batch_mean = mean.to(p.dtype)
             result[p] = p.grad_batch_variance

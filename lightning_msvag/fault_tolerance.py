@@ -275,11 +275,7 @@ def checkpoint_optimizer_classes(path: "str | os.PathLike") -> List[str]:
     ``checkpoints`` folder). ``[]`` when neither says.
     """
     path = Path(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # an unreadable file is reported by the checks that load it
-        checkpoint = {}
-    recorded = checkpoint.get(OPTIMIZER_CLASSES_KEY) if isinstance(checkpoint, dict) else None
+    recorded = _read_checkpoint(path).get(OPTIMIZER_CLASSES_KEY)
     if recorded:
         return [str(c) for c in recorded]
     config = path.resolve().parent.parent / "config.yaml"
@@ -298,12 +294,18 @@ def checkpoint_optimizer_classes(path: "str | os.PathLike") -> List[str]:
 def checkpoint_optimizer_variances(path: "str | os.PathLike") -> List[Optional[str]]:
     """The ``variance`` estimator recorded in each optimizer state of the checkpoint at ``path``
     (``None`` where a state does not say: another class, or a checkpoint of 0.1.0); ``[]`` if unreadable."""
-    try:
-        checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # an unreadable file is reported by the checks that load it
-        return []
-    states = checkpoint.get("optimizer_states") if isinstance(checkpoint, dict) else None
+    states = _read_checkpoint(Path(path)).get("optimizer_states")
     return [s.get("variance") if isinstance(s, dict) else None for s in states or []]
+
+
+def _read_checkpoint(path: Path) -> Dict[str, Any]:
+    """The checkpoint at ``path`` memory-mapped (nothing read until used); ``{}`` if it cannot
+    be read: an unreadable file is reported by the checks that load it."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return {}
+    return checkpoint if isinstance(checkpoint, dict) else {}
 
 
 class _CheckedCheckpointIO(CheckpointIO):
