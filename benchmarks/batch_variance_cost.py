@@ -19,9 +19,12 @@ to ``plain``. Run from the repository root::
 ``--whole-step`` times one whole training step instead (zero_grad, forward, backward, the
 estimate where used, optimizer step) of M-SVAG with the moving-average estimate
 (``MSVAG(...)``, its default fused CPU path) against M-SVAG with the mini-batch estimate
-(``MSVAG(..., variance="minibatch")`` + :class:`BatchVarianceEstimator`), side by side::
+(``MSVAG(..., variance="minibatch")`` + :class:`BatchVarianceEstimator`), side by side; also the
+mini-batch estimate without its guards (no search for uses of a parameter outside its layers,
+no reference copy of the gradient for the step's rescale check: their cost), and both
+estimators with ``clip_grad_norm_`` after the backward pass (every step clips at ``--clip``)::
 
-    python benchmarks/batch_variance_cost.py --whole-step [--rounds 5] [--threads N]
+    python benchmarks/batch_variance_cost.py --whole-step [--rounds 5] [--threads N] [--problems p1,p4]
 """
 
 from __future__ import annotations
@@ -41,16 +44,20 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.func import functional_call, grad, vmap  # noqa: E402
 
-from lightning_msvag import MSVAG  # noqa: E402
+from lightning_msvag import MSVAG, batch_estimate  # noqa: E402
 from lightning_msvag.batch_variance import BatchVarianceEstimator  # noqa: E402
 from models import CharLSTM, ThreeC3D, TwoC2D  # noqa: E402
 
 
-def _problems():
+def _problems(which: str = "p1,p2,p4"):
     torch.manual_seed(0)
-    yield "P1 2c2d B=128", TwoC2D(), torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
-    yield "P2 3c3d B=128", ThreeC3D(), torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
-    yield "P4 char-LSTM 50x50", CharLSTM(), torch.randint(0, 83, (50, 50)), torch.randint(0, 83, (50, 50))
+    wanted = set(which.split(","))
+    if "p1" in wanted:
+        yield "P1 2c2d B=128", TwoC2D(), torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    if "p2" in wanted:
+        yield "P2 3c3d B=128", ThreeC3D(), torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    if "p4" in wanted:
+        yield "P4 char-LSTM 50x50", CharLSTM(), torch.randint(0, 83, (50, 50)), torch.randint(0, 83, (50, 50))
 
 
 def _loss(model, x, y):
@@ -111,35 +118,53 @@ def _make_backpack(model):
     return step
 
 
-def _training_steps(model):
+class _Unguarded(BatchVarianceEstimator):
+    """The estimator without what guards its hand-over (the state before issue 24): no search for
+    uses of a parameter outside its layers, no reference copy of the gradient for the step's check."""
+
+    def _check_uses(self, calls):
+        pass
+
+    def _attach(self, p, variance):
+        batch_estimate.attach(p, variance, None, "")
+
+
+def _training_steps(model, clip: float):
     """One whole step of each M-SVAG variant, on its own copy of the model (same start)."""
-    moving = copy.deepcopy(model)
-    minibatch = copy.deepcopy(model)
-    opt_moving = MSVAG(moving.parameters(), lr=1e-3)
-    opt_minibatch = MSVAG(minibatch.parameters(), lr=1e-3, variance="minibatch")
-    est = BatchVarianceEstimator(minibatch)
+    def variant(minibatch: bool, estimator=BatchVarianceEstimator, clip_norm=None):
+        own = copy.deepcopy(model)
+        opt = MSVAG(own.parameters(), lr=1e-3, variance="minibatch" if minibatch else "moving_average")
+        est = estimator(own) if minibatch else None
 
-    def step_moving(x, y):
-        opt_moving.zero_grad(set_to_none=True)
-        _loss(moving, x, y).backward()
-        opt_moving.step()
+        def step(x, y):
+            opt.zero_grad(set_to_none=True)
+            if est is None:
+                _loss(own, x, y).backward()
+            else:
+                with est.record():
+                    _loss(own, x, y).backward()
+                est.compute()
+            if clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(own.parameters(), clip_norm)
+            opt.step()
 
-    def step_minibatch(x, y):
-        opt_minibatch.zero_grad(set_to_none=True)
-        with est.record():
-            _loss(minibatch, x, y).backward()
-        est.compute()
-        opt_minibatch.step()
+        return step
 
-    return {"M-SVAG moving average": step_moving, "M-SVAG mini-batch": step_minibatch}
+    return {
+        "M-SVAG moving average": variant(False),
+        "mini-batch, unguarded": variant(True, _Unguarded),
+        "M-SVAG mini-batch": variant(True),
+        "moving average + clip": variant(False, clip_norm=clip),
+        "mini-batch + clip": variant(True, clip_norm=clip),
+    }
 
 
 def whole_step(args) -> None:
     print(f"whole training step; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {args.rounds} interleaved rounds (after 2 warm-ups)")
-    for name, model, x, y in _problems():
+    for name, model, x, y in _problems(args.problems):
         model.train()
-        methods = _training_steps(model)
+        methods = _training_steps(model, args.clip)
         for step in methods.values():
             step(x, y)
             step(x, y)  # the fused kernel's first load, the estimator's first hooks
@@ -160,6 +185,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     parser.add_argument("--whole-step", action="store_true", help="time whole M-SVAG training steps, both estimators")
+    parser.add_argument("--clip", type=float, default=1e-3,
+                        help="--whole-step: max norm of the clipped variants (small: every step clips)")
+    parser.add_argument("--problems", default="p1,p2,p4", help="comma-separated subset of p1,p2,p4")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -167,7 +195,7 @@ def main() -> None:
         whole_step(args)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} rounds (after 1 warm-up)")
-    for name, model, x, y in _problems():
+    for name, model, x, y in _problems(args.problems):
         model.train()
         methods = {"plain": _plain}
         for label, factory in (("hooks", _make_hooks), ("torch.func", _make_func), ("backpack", _make_backpack)):

@@ -60,9 +60,10 @@ from . import optimizers as _optimizers  # noqa: F401   --optimizer MSVAG, --tra
 from .batch_variance_callback import BatchVarianceCallback
 from .errors import UserError
 from .fault_tolerance import (
+    RULE_SETTINGS,
     CheckpointError,
     checkpoint_optimizer_classes,
-    checkpoint_optimizer_variances,
+    checkpoint_optimizer_settings,
     fault_tolerance_callbacks,
     verify_checkpoint_archive,
 )
@@ -193,8 +194,12 @@ class MSVAGCLI(LightningCLI):
         trainer_config = {**config.get("trainer", {}), **kwargs}
         configured = list(trainer_config.get("callbacks") or [])
         optimizer = _get(self.config[self.subcommand] if self.subcommand else self.config, "optimizer")
-        kwargs = {**_integer_batch_limits(self.argv), **kwargs,
-                  "callbacks": configured + default_callbacks(trainer_config, optimizer)}
+        callbacks = configured + default_callbacks(trainer_config, optimizer)
+        if self.model is not None and any(isinstance(c, BatchVarianceCallback) for c in callbacks):
+            # refuse a model the estimate cannot serve before the trainer (and its run folder) exists
+            BatchVarianceCallback.check(self.model, trainer_config.get("accumulate_grad_batches") or 1,
+                                        trainer_config.get("precision") or "32")
+        kwargs = {**_integer_batch_limits(self.argv), **kwargs, "callbacks": callbacks}
         return super().instantiate_trainer(**kwargs)
 
 
@@ -331,14 +336,16 @@ def _refuse_another_optimizer(config: Any, ckpt_path: Path) -> None:
         return
     saved = _import_class(saved_paths[0])
     if saved is requested:
-        variances = checkpoint_optimizer_variances(ckpt_path)
-        wanted = _get(_get(_get(config, "optimizer"), "init_args"), "variance") or "moving_average"
-        if variances and variances[0] is not None and variances[0] != wanted:
-            raise CheckpointError(
-                f"checkpoint {ckpt_path} was trained with {_class_label(saved)}(variance={variances[0]!r}), this run "
-                f"asks for variance={wanted!r}: the state's exp_avg_sq holds the other estimator's numbers. Resume with "
-                f"--optimizer.init_args.variance={variances[0]}, or start a new run without --ckpt_path"
-            )
+        settings = checkpoint_optimizer_settings(ckpt_path)
+        init_args = _get(_get(config, "optimizer"), "init_args")
+        for key, saved_value in (settings[0] if settings else {}).items():
+            wanted = _get(init_args, key) or RULE_SETTINGS[key]
+            if saved_value != wanted:
+                raise CheckpointError(
+                    f"checkpoint {ckpt_path} was trained with {_class_label(saved)}({key}={saved_value!r}), this run "
+                    f"asks for {key}={wanted!r}: the state's exp_avg_sq holds the other setting's numbers. Resume with "
+                    f"--optimizer.init_args.{key}={saved_value}, or start a new run without --ckpt_path"
+                )
         return
     if saved is None:
         return

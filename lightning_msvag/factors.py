@@ -135,19 +135,19 @@ def _steps(optimizer: Optimizer, p: Tensor, to_int) -> Optional[tuple]:
 def dissected_factors(optimizer: Optimizer, tracker: Optional[MomentTracker] = None) -> Iterator[Factor]:
     """γ of a :class:`~lightning_msvag.DissectedOptimizer`, in ``param_groups`` order.
 
-    M-SVAG / SVAG: from their m~, v~ and step. M-SGD / M-SSD: the M-SVAG γ from m~ and
-    ``tracker``'s v~ (parameters the tracker has not seen are skipped).
+    M-SVAG / SVAG: from their m~, v~ and step (each group with its own ``variance``). M-SGD / M-SSD:
+    the M-SVAG γ from m~ and ``tracker``'s v~ (parameters the tracker has not seen are skipped).
     """
     adapted = optimizer.rule.variance_adaptation
     direction = optimizer.rule.direction if adapted else "momentum"
     if not adapted and tracker is None:
         return
-    for p, beta, state, k in _stepped(optimizer):
+    for p, rule, beta, state, k in _stepped(optimizer):
         v = state["exp_avg_sq"] if adapted else tracker.second_moment(p, beta, k)
         if v is None:
             continue
-        if adapted and optimizer.rule.needs_batch_variance:  # v~ is the mini-batch buffer (§1.1)
-            gamma = rule_variance_factor(optimizer.rule, state["exp_avg"], v, beta=beta, step=k)
+        if adapted and rule.needs_batch_variance:  # v~ is the mini-batch buffer (§1.1)
+            gamma = rule_variance_factor(rule, state["exp_avg"], v, beta=beta, step=k)
         else:
             gamma = variance_adaptation_factor(state["exp_avg"], v, beta=beta, step=k, direction=direction)
         lam = variance_ratio(beta, k) if direction == "momentum" else 1.0
@@ -155,21 +155,21 @@ def dissected_factors(optimizer: Optimizer, tracker: Optional[MomentTracker] = N
 
 
 def _stepped(optimizer: Optimizer) -> Iterator[tuple]:
-    """(parameter, its group's β, its state, its step k) of every parameter that has stepped."""
+    """(parameter, its group's rule, its group's β, its state, its step k) of every parameter that has stepped."""
     for group in optimizer.param_groups:
+        rule = optimizer.rule_of(group)
         for p in group["params"]:
             found = _steps(optimizer, p, lambda s: int(s.item()))
             if found is not None:
-                yield (p, group["beta"], *found)
+                yield (p, rule, group["beta"], *found)
 
 
 def dissected_sign_factors(optimizer: Optimizer) -> Iterator[Factor]:
     """γ^s of a sign + variance-adaptation optimizer (M-SSD-VA, docs/algorithm.md §1.2), in
     ``param_groups`` order: the factor its step applied to the sign. ``"sqrt"``: γ^s =
     (1 + ρ η̂²)^(−1/2), λ = ρ, power 2; ``"erf"`` has no such form (λ, power of the γ it is
-    computed from, M-SVAG's: ρ, 1)."""
-    rule = optimizer.rule
-    for p, beta, state, k in _stepped(optimizer):
+    computed from, M-SVAG's: ρ, 1). Each group with its own ``factor`` and ``variance``."""
+    for p, rule, beta, state, k in _stepped(optimizer):
         gamma = rule_variance_factor(rule, state["exp_avg"], state["exp_avg_sq"], beta=beta, step=k, sign_factor=True)
         lam = variance_ratio(beta, k) if rule.direction == "momentum" else 1.0
         yield Factor(p, gamma, lam, 2 if rule.sign_factor == "sqrt" else 1)

@@ -49,7 +49,7 @@ __all__ = [
     "PreemptionCheckpoint",
     "check_checkpoint_contents",
     "checkpoint_optimizer_classes",
-    "checkpoint_optimizer_variances",
+    "checkpoint_optimizer_settings",
     "fault_tolerance_callbacks",
     "rng_state",
     "set_rng_state",
@@ -291,11 +291,27 @@ def checkpoint_optimizer_classes(path: "str | os.PathLike") -> List[str]:
     return []
 
 
-def checkpoint_optimizer_variances(path: "str | os.PathLike") -> List[Optional[str]]:
-    """The ``variance`` estimator recorded in each optimizer state of the checkpoint at ``path``
-    (``None`` where a state does not say: another class, or a checkpoint of 0.1.0); ``[]`` if unreadable."""
+#: The family's hyperparameters that decide what its buffers hold (docs/algorithm.md §1.1–1.2).
+RULE_SETTINGS = {"variance": "moving_average", "factor": "erf"}
+
+
+def checkpoint_optimizer_settings(path: "str | os.PathLike") -> List[Dict[str, Any]]:
+    """The ``variance``/``factor`` recorded in each optimizer state of the checkpoint at ``path``
+    (its first param group's; a state of 0.1.0 kept ``variance`` at the top level), only the
+    keys a state has; ``[]`` if unreadable."""
     states = _read_checkpoint(Path(path)).get("optimizer_states")
-    return [s.get("variance") if isinstance(s, dict) else None for s in states or []]
+    found = []
+    for state in states or []:
+        settings: Dict[str, Any] = {}
+        if isinstance(state, dict):
+            groups = state.get("param_groups") or [{}]
+            first = groups[0] if isinstance(groups[0], dict) else {}
+            for key in RULE_SETTINGS:
+                value = first.get(key, state.get(key))
+                if value is not None:
+                    settings[key] = value
+        found.append(settings)
+    return found
 
 
 def _read_checkpoint(path: Path) -> Dict[str, Any]:

@@ -32,13 +32,15 @@ update and a step with ``found_inf`` is skipped).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import batch_estimate
 from . import functional as F
 from .factors import dissected_factors, dissected_sign_factors
 from .functional import CPU_TILE_NUMEL, fused_path_available
@@ -67,6 +69,29 @@ def _default_paths(params: List[Tensor], foreach: Optional[bool], fused: Optiona
     if foreach is None:
         foreach = not fused and not torch.jit.is_scripting()
     return bool(foreach), bool(fused)
+
+
+class _RuleAttribute:
+    """``rule`` of the family: on the class, the class's rule (its constructor defaults); on an
+    instance, the rule its ``defaults`` select (``variance``, ``factor``: :meth:`DissectedOptimizer.rule_of`).
+
+    Not an instance attribute, so nothing of the configuration lives outside ``defaults`` and the
+    param groups, where torch keeps hyperparameters: ``copy.deepcopy``, ``pickle`` and
+    ``state_dict`` carry it (an instance attribute would be lost by ``Optimizer.__getstate__``).
+    """
+
+    def __init__(self, rule: UpdateRule) -> None:
+        self.default = rule
+
+    def __get__(self, optimizer, owner=None) -> UpdateRule:
+        if optimizer is None:
+            return self.default
+        return optimizer.rule_of(optimizer.defaults)
+
+
+@functools.lru_cache(maxsize=None)
+def _rule_with(rule: UpdateRule, fields: Tuple[Tuple[str, Any], ...]) -> UpdateRule:
+    return dataclasses.replace(rule, **dict(fields))
 
 
 class DissectedOptimizer(Optimizer):
@@ -99,12 +124,26 @@ class DissectedOptimizer(Optimizer):
             if the build fails, one warning is raised and the multi-tensor path is used.
         error_if_nonfinite: check the gradients before each step and raise
             ``RuntimeError`` on NaN/inf, leaving parameters and state untouched.
+
+    Every argument that changes the numbers is a hyperparameter in ``defaults`` and in each
+    param group (as torch keeps ``lr``), so copies, pickles and state dicts carry it; the
+    variance-adapted members add ``variance`` (and M-SSD-VA ``factor``), which a param group
+    may set for itself. :meth:`load_state_dict` refuses the state of another method or of
+    another ``variance``/``factor`` in one line, before anything changes.
     """
 
     rule: UpdateRule = UpdateRule()
+    #: constructor argument (= param-group key) -> the :class:`UpdateRule` field it sets
+    _RULE_ARGS: Dict[str, str] = {}
     #: CPU tile size of the functional core (an implementation detail, not a hyperparameter:
     #: it changes speed, not results). ``None`` processes whole tensors.
     _tile_numel: Optional[int] = CPU_TILE_NUMEL
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        rule = cls.__dict__.get("rule")
+        if isinstance(rule, UpdateRule):
+            cls.rule = _RuleAttribute(rule)
 
     def __init__(
         self,
@@ -138,33 +177,73 @@ class DissectedOptimizer(Optimizer):
         #: id(group) -> ids of its step tensors, while they are known to agree (see _read_steps)
         self._uniform_steps: Dict[int, List[int]] = {}
         super().__init__(params, defaults)
+        self.register_state_dict_post_hook(_record_rule)
+        self.register_load_state_dict_pre_hook(_check_loadable)
+
+    def _set_rule_defaults(self, **rule_args) -> None:
+        """Make the rule's constructor arguments (``variance``, ``factor``) hyperparameters: into
+        ``defaults`` and every param group that does not set its own (validated: ``ValueError``)."""
+        self.defaults.update(rule_args)
+        for group in self.param_groups:
+            for key, value in rule_args.items():
+                group.setdefault(key, value)
+            self.rule_of(group)
+
+    @classmethod
+    def rule_for(cls, **init_args) -> UpdateRule:
+        """The :class:`~lightning_msvag.rule.UpdateRule` an instance built with ``init_args`` runs
+        (the method table's rows with ``init_args`` read it). ``ValueError`` for a bad value."""
+        fields = tuple(sorted((cls._RULE_ARGS[k], v) for k, v in init_args.items() if k in cls._RULE_ARGS))
+        try:
+            return _rule_with(cls.rule, fields)
+        except TypeError:  # an unhashable value (a list, ...): let UpdateRule say what it expects
+            return dataclasses.replace(cls.rule, **dict(fields))
+
+    def rule_of(self, group: dict) -> UpdateRule:
+        """The rule a param group (or ``defaults``) steps with: the class's, with the group's
+        ``variance``/``factor`` where the class has them."""
+        if not self._RULE_ARGS:
+            return type(self).rule
+        return type(self).rule_for(**{k: group[k] for k in self._RULE_ARGS if k in group})
+
+    @property
+    def needs_batch_variance(self) -> bool:
+        """Whether a step needs ``p.grad_batch_variance`` (some group has ``variance="minibatch"``;
+        e.g. for the CLI to add the :class:`~lightning_msvag.batch_variance_callback.BatchVarianceCallback`)."""
+        return any(self.rule_of(group).needs_batch_variance for group in self.param_groups)
 
     def add_param_group(self, param_group: dict) -> None:
-        """Validate ``lr`` and ``beta`` (the group's, else the defaults) *before* adding the group:
-        a rejected group raises ``ValueError`` and leaves the optimizer unchanged."""
+        """Validate ``lr``, ``beta`` and the rule's keys (the group's, else the defaults) *before*
+        adding the group: a rejected group raises ``ValueError`` and leaves the optimizer unchanged."""
         if isinstance(param_group, dict):
             defaults = getattr(self, "defaults", {})
             _check_hyperparameters(
                 type(self).__name__, param_group.get("lr", defaults.get("lr")), param_group.get("beta", defaults.get("beta"))
             )
+            self.rule_of({**defaults, **param_group})
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._uniform_steps = {}  # the state may have changed: read every counter once
+        rule = type(self).rule
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
             group.setdefault("error_if_nonfinite", False)
+            for key, field in self._RULE_ARGS.items():  # a pickle of 0.1.0: the class's rule
+                group.setdefault(key, getattr(rule, field))
             for p in group["params"]:
                 p_state = self.state.get(p)
                 if p_state and "step" in p_state:
                     p_state["step"] = _step_tensor(p_state["step"])
+        for key, field in self._RULE_ARGS.items():
+            self.defaults.setdefault(key, getattr(rule, field))
 
     def _checked_groups(self) -> List[tuple]:
-        """Every group's (group, params, grads, foreach, fused), after checking everything a step
-        can refuse: hyperparameters, sparse gradients, the path's requirements. Nothing is
+        """Every group's (group, rule, params, grads, foreach, fused), after checking everything a
+        step can refuse: hyperparameters, sparse gradients, the path's requirements. Nothing is
         changed here, so a refused step leaves the optimizer as it was."""
         name = type(self).__name__
         checked = []
@@ -176,27 +255,28 @@ class DissectedOptimizer(Optimizer):
             if any(g.is_sparse for g in grads):
                 raise RuntimeError(f"{name} does not support sparse gradients")
             _check_hyperparameters(name, group["lr"], group["beta"])
+            rule = self.rule_of(group)
             if group["fused"] and group["foreach"]:
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-            foreach, fused = _default_paths(params, group["foreach"], group["fused"], self.rule)
+            foreach, fused = _default_paths(params, group["foreach"], group["fused"], rule)
             F._check_step_inputs(params, grads, lr=group["lr"], foreach=foreach, fused=fused)
-            checked.append((group, params, grads, foreach, fused))
+            checked.append((group, rule, params, grads, foreach, fused))
         return checked
 
-    def _init_state(self, params: List[Tensor]):
+    def _init_state(self, params: List[Tensor], rule: UpdateRule):
         """The buffers and step tensors of ``params``, created (zeros, step 0) where missing;
-        also whether any was created."""
+        also the parameters whose state was created here."""
         exp_avgs, exp_avg_sqs, step_tensors = [], [], []
-        created = False
+        created = []
         for p in params:
             state = self.state[p]
             if len(state) == 0:
-                created = True
+                created.append(p)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 # complex parameters: complex buffers, stepped through their real views
-                if self.rule.needs_first_moment:
+                if rule.needs_first_moment:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if self.rule.needs_second_moment:
+                if rule.needs_second_moment:
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             exp_avgs.append(state.get("exp_avg"))
             exp_avg_sqs.append(state.get("exp_avg_sq"))
@@ -246,6 +326,29 @@ class DissectedOptimizer(Optimizer):
             "the step was not taken, parameters and optimizer state are unchanged"
         )
 
+    def _batch_variances(self, checked: List[tuple], grad_scale) -> Dict[int, List[Tensor]]:
+        """σ̂² per stepped parameter of every ``variance="minibatch"`` group (id(group) -> list), as
+        :func:`~lightning_msvag.batch_estimate.take` finds them: missing, stale or describing
+        another gradient raises here, before anything changes (docs/algorithm.md §1.1)."""
+        found: Dict[int, List[Tensor]] = {}
+        name = type(self).__name__
+        group_index = {id(group): gi for gi, group in enumerate(self.param_groups)}
+        for group, rule, params, _, _, _ in checked:
+            if not rule.needs_batch_variance:
+                continue
+            if grad_scale is not None:
+                raise RuntimeError(
+                    f"{name}(variance='minibatch'): the mini-batch variance estimate does not take a "
+                    "GradScaler's scaled gradients (16-mixed); train in 32 or bf16-mixed"
+                )
+            gi = group_index[id(group)]
+            index = {id(p): i for i, p in enumerate(group["params"])}
+            found[id(group)] = [
+                batch_estimate.take(p, f"{name}(variance='minibatch')", f"parameter {index[id(p)]} of group {gi}")
+                for p in params
+            ]
+        return found
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
         """Perform one step. ``closure`` re-evaluates the model and returns the loss.
@@ -254,10 +357,12 @@ class DissectedOptimizer(Optimizer):
         counter advanced (a step that raises is a no-op). Under a ``torch.amp.GradScaler``
         with ``fused=True`` (see the class): the gradients are divided by the scaler's
         ``grad_scale`` inside the update, and a nonzero ``found_inf`` skips the step
-        entirely (state, counters and parameters unchanged).
+        entirely (state, counters and parameters unchanged). Groups with
+        ``variance="minibatch"`` use each parameter's mini-batch estimate once
+        (:mod:`lightning_msvag.batch_estimate`; checked after ``closure``, before anything changes).
         """
         loss = None
-        if closure is not None:
+        if closure is not None:  # with variance="minibatch", its backward pass records the estimate
             with torch.enable_grad():
                 loss = closure()
 
@@ -275,6 +380,7 @@ class DissectedOptimizer(Optimizer):
         # set by GradScaler.step for optimizers with _step_supports_amp_scaling, deleted after
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        batch_variances = self._batch_variances(checked, grad_scale)
         skip_read: List[bool] = []  # found_inf read on the host once, only where a host path needs it
 
         def skipped() -> bool:
@@ -282,37 +388,59 @@ class DissectedOptimizer(Optimizer):
                 skip_read.append(found_inf is not None and F._amp_found_inf(found_inf))
             return skip_read[0]
 
-        for group, params, grads, foreach, fused in checked:
-            device_kernel = fused and F._device_kernel_for(params)
+        for group, rule, params, grads, foreach, fused in checked:
+            device_kernel = fused and not rule.needs_batch_variance and F._device_kernel_for(params)
             if not device_kernel and skipped():
                 continue  # before any state is created: a skipped step changes nothing
-            exp_avgs, exp_avg_sqs, step_tensors, created = self._init_state(params)
-            if device_kernel:
-                # the device kernel: counters on the device, found_inf and a tensor lr read there
-                # (no host synchronisation, docs/algorithm.md §3)
-                step_tensors = self._device_steps(params, step_tensors)
-                torch._foreach_add_(step_tensors, 1.0)
-                if F._fused_device_update(
-                    *F._real_views(params, grads, exp_avgs, exp_avg_sqs), step_tensors, rule=self.rule,
+            exp_avgs, exp_avg_sqs, step_tensors, created = self._init_state(params, rule)
+            try:
+                self._step_group(group, rule, params, grads, foreach, fused, device_kernel, exp_avgs, exp_avg_sqs,
+                                 step_tensors, created, grad_scale, found_inf, skipped, batch_variances.get(id(group)))
+            except BaseException:
+                # nothing of this group is written when a path refuses (they check before writing):
+                # the counters and the state created for it go back to what they were
+                for p in created:
+                    self.state.pop(p, None)
+                raise
+        for group, rule, params, _, _, _ in checked:
+            if rule.needs_batch_variance:
+                batch_estimate.consume(params)  # one estimate, one step
+        return loss
+
+    def _step_group(self, group, rule, params, grads, foreach, fused, device_kernel, exp_avgs, exp_avg_sqs,
+                    step_tensors, created, grad_scale, found_inf, skipped, batch_variances) -> None:
+        """One group's update (its state exists); advances its counters only for a step it takes."""
+        if device_kernel:
+            # the device kernel: counters on the device, found_inf and a tensor lr read there
+            # (no host synchronisation, docs/algorithm.md §3)
+            step_tensors = self._device_steps(params, step_tensors)
+            torch._foreach_add_(step_tensors, 1.0)
+            try:
+                done = F._fused_device_update(
+                    *F._real_views(params, grads, exp_avgs, exp_avg_sqs), step_tensors, rule=rule,
                     lr=_on_device(group["lr"], params[0].device), beta=group["beta"], maximize=group["maximize"],
                     grad_scale=grad_scale, found_inf=found_inf,
-                ):
-                    if found_inf is not None:
-                        torch._foreach_sub_(step_tensors, found_inf)  # a skipped step is not counted
-                    continue
-                foreach, fused, created = True, False, True  # warned once: the multi-tensor path
-                if skipped():
-                    torch._foreach_sub_(step_tensors, 1.0)
-                    continue
-            else:
-                torch._foreach_add_(step_tensors, 1.0)  # one call, not one per parameter
+                )
+            except BaseException:
+                torch._foreach_sub_(step_tensors, 1.0)
+                raise
+            if done:
+                if found_inf is not None:
+                    torch._foreach_sub_(step_tensors, found_inf)  # a skipped step is not counted
+                return
+            torch._foreach_sub_(step_tensors, 1.0)
+            foreach, fused, created = True, False, params  # warned once: the multi-tensor path
+            if skipped():
+                return
+        torch._foreach_add_(step_tensors, 1.0)  # one call, not one per parameter
+        try:
             F._run_step(
                 params,
                 grads,
                 exp_avgs,
                 exp_avg_sqs,
-                self._read_steps(id(group), step_tensors, created),
-                rule=self.rule,
+                self._read_steps(id(group), step_tensors, bool(created)),
+                rule=rule,
                 lr=group["lr"],
                 beta=group["beta"],
                 maximize=group["maximize"],
@@ -320,8 +448,12 @@ class DissectedOptimizer(Optimizer):
                 fused=fused,
                 tile_numel=self._tile_numel,
                 grad_scale=grad_scale,
+                batch_variances=batch_variances,
             )
-        return loss
+        except BaseException:
+            torch._foreach_sub_(step_tensors, 1.0)
+            self._uniform_steps.pop(id(group), None)
+            raise
 
     @torch.no_grad()
     def nonfinite_state(self) -> List[Tuple[int, int]]:
@@ -336,6 +468,79 @@ class DissectedOptimizer(Optimizer):
                 if not all(bool(torch.isfinite(b).all()) for b in buffers):
                     found.append((gi, pi))
         return found
+
+
+DissectedOptimizer.rule = _RuleAttribute(UpdateRule())
+
+
+# ------------------------------------------------------------------ state dicts
+#: Top-level key of the family's state dicts: the method (its rule's direction and two switches).
+RULE_KEY = "rule"
+#: Top-level key written by 0.1.0's variance-adapted classes (read for their states only).
+_OLD_VARIANCE_KEY = "variance"
+_METHOD_FIELDS = ("direction", "sign", "variance_adaptation")
+
+
+def _method_of(rule: UpdateRule) -> Dict[str, Any]:
+    return {name: getattr(rule, name) for name in _METHOD_FIELDS}
+
+
+def _record_rule(optimizer: "DissectedOptimizer", state_dict: dict) -> None:
+    # torch ignores extra top-level keys; the param groups carry variance/factor themselves
+    state_dict[RULE_KEY] = _method_of(type(optimizer).rule)
+
+
+def _state_buffers(rule: UpdateRule) -> set:
+    return {"step"} | ({"exp_avg"} if rule.needs_first_moment else set()) | ({"exp_avg_sq"} if rule.needs_second_moment else set())
+
+
+def _check_loadable(optimizer: "DissectedOptimizer", state_dict: dict) -> Optional[dict]:
+    """``load_state_dict`` pre-hook: refuse, in one line and before anything changes, a state of
+    another method (recorded, or told by its buffers and keys: torch's Adam, 0.1.0's states) or
+    of another ``variance``/``factor``; fill what 0.1.0's states did not record."""
+    name = type(optimizer).__name__
+    mine = type(optimizer).rule
+    saved_method = state_dict.get(RULE_KEY)
+    groups = state_dict.get("param_groups", [])
+    if saved_method is not None:
+        if dict(saved_method) != _method_of(mine):
+            saved_rule = dataclasses.replace(UpdateRule(), **dict(saved_method))
+            raise ValueError(
+                f"{name}.load_state_dict: the state is {saved_rule.label}'s, this optimizer is {mine.label} "
+                f"({name}): its buffers hold {saved_rule.label}'s numbers; load it into {saved_rule.label.replace('-', '')}"
+            )
+    else:  # no record: torch's optimizers, or a state of 0.1.0
+        if any("beta" not in g for g in groups):
+            keys = sorted({k for g in groups for k in g if k != "params"})
+            raise ValueError(
+                f"{name}.load_state_dict: not a state of this project's optimizers (no 'beta' in its param groups, "
+                f"which have: {', '.join(keys)}); load it into the optimizer class that saved it"
+            )
+        wanted = _state_buffers(mine)
+        for index, entry in state_dict.get("state", {}).items():
+            if entry and set(entry) != wanted:
+                raise ValueError(
+                    f"{name}.load_state_dict: the state of parameter {index} holds {sorted(entry)}, {mine.label} keeps "
+                    f"{sorted(wanted)}: it is another method's state"
+                )
+    if not optimizer._RULE_ARGS or len(groups) != len(optimizer.param_groups):
+        return None  # torch's own check reports a group count that differs
+    old_variance = state_dict.get(_OLD_VARIANCE_KEY, "moving_average")
+    filled = []
+    for i, (saved, current) in enumerate(zip(groups, optimizer.param_groups)):
+        saved = dict(saved)
+        for key in optimizer._RULE_ARGS:
+            # 0.1.0 recorded the estimator at the top level (moving average where absent) and no factor
+            value = saved.get(key, old_variance if key == "variance" else current.get(key))
+            if value != current.get(key):
+                raise ValueError(
+                    f"{name}.load_state_dict: param group {i} of the state was built with {key}={value!r}, this "
+                    f"optimizer's with {key}={current.get(key)!r} (its buffers hold the other setting's numbers, "
+                    f"docs/algorithm.md §1.1–1.2): build {name}(..., {key}={value!r}) to load it"
+                )
+            saved[key] = value
+        filled.append(saved)
+    return {**state_dict, "param_groups": filled}
 
 
 class _VarianceAdapted(DissectedOptimizer):
@@ -354,101 +559,29 @@ class _VarianceAdapted(DissectedOptimizer):
         return [factor.gamma for factor in dissected_factors(self)]
 
 
-#: Top-level key of a variance-adapted optimizer's state dict: the estimator behind exp_avg_sq.
-VARIANCE_KEY = "variance"
-
-
-def _record_variance(optimizer: "_VarianceChoice", state_dict: dict) -> None:
-    state_dict[VARIANCE_KEY] = optimizer.rule.variance
-
-
-def _check_variance(optimizer: "_VarianceChoice", state_dict: dict) -> None:
-    saved = state_dict.get(VARIANCE_KEY)  # absent: a state dict of 0.1.0 (moving average only) or of another class
-    if saved is not None and saved != optimizer.rule.variance:
-        name = type(optimizer).__name__
-        raise ValueError(
-            f"{name}: this state was built with variance={saved!r}, the optimizer has variance="
-            f"{optimizer.rule.variance!r}; exp_avg_sq holds another estimator's numbers (docs/algorithm.md §1.1): "
-            f"build {name}(..., variance={saved!r}) to load it"
-        )
-
-
 class _VarianceChoice(_VarianceAdapted):
-    """The constructor switch ``variance`` of the variance-adapted members (docs/algorithm.md §1.1).
+    """The hyperparameter ``variance`` of the variance-adapted members (docs/algorithm.md §1.1).
 
     ``variance="moving_average"`` (default): the paper's estimate from m~ and v~.
     ``variance="minibatch"``: the mini-batch estimate σ̂² of each step, read from every
     parameter's ``grad_batch_variance`` (left there by
     :class:`~lightning_msvag.batch_variance.BatchVarianceEstimator` or
-    :class:`~lightning_msvag.batch_variance_callback.BatchVarianceCallback`). Then
-    :meth:`step` raises ``RuntimeError`` before changing anything if a parameter with a
-    gradient has none. All paths take it, the fused CPU kernel included (σ̂² is its fifth operand).
-    The instance's :attr:`rule` carries the choice (the class attribute is the default).
+    :class:`~lightning_msvag.batch_variance_callback.BatchVarianceCallback`) and used up by the
+    step (:mod:`lightning_msvag.batch_estimate`): :meth:`step` raises ``RuntimeError`` before
+    changing anything if a parameter with a gradient has none, or one that describes another
+    gradient. All paths take it, the fused CPU kernel included (σ̂² is its fifth operand).
+    Like ``lr``, ``variance`` lives in ``defaults`` and each param group.
     """
 
-    #: constructor argument -> UpdateRule field (what :meth:`rule_for` maps)
     _RULE_ARGS = {"variance": "variance"}
 
     def __init__(self, params: Iterable, lr: float = 1e-3, beta: float = 0.9, *,
                  variance: str = "moving_average", **kwargs) -> None:
-        self.rule = type(self).rule_for(variance=variance)
+        type(self).rule_for(variance=variance)  # a bad value raises before anything is built
         # A direct super().__init__(**kwargs): LightningCLI (jsonargparse) follows it to list
         # the base class's options (foreach, fused, ...).
         super().__init__(params, lr, beta, **kwargs)
-        self._record_estimator()
-
-    def _record_estimator(self) -> None:
-        # exp_avg_sq holds v~ (moving average) or var̂[m]'s raw u / σ̂² (mini-batch): the state
-        # dict says which, and a load into the other estimator is refused (torch's public hooks;
-        # torch ignores the extra top-level key).
-        self.register_state_dict_post_hook(_record_variance)
-        self.register_load_state_dict_pre_hook(_check_variance)
-
-    @classmethod
-    def rule_for(cls, **init_args) -> UpdateRule:
-        """The :class:`~lightning_msvag.rule.UpdateRule` an instance built with ``init_args`` runs
-        (the method table's rows with ``init_args`` read it). ``ValueError`` for a bad value."""
-        fields = {cls._RULE_ARGS[k]: v for k, v in init_args.items() if k in cls._RULE_ARGS}
-        return dataclasses.replace(cls.rule, **fields)
-
-    @property
-    def needs_batch_variance(self) -> bool:
-        """Whether each step needs ``p.grad_batch_variance`` (e.g. for the CLI to add the
-        :class:`~lightning_msvag.batch_variance_callback.BatchVarianceCallback`)."""
-        return self.rule.needs_batch_variance
-
-    def _check_batch_variance(self) -> None:
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                s = getattr(p, "grad_batch_variance", None)
-                if s is None or s.shape != p.shape:
-                    raise RuntimeError(
-                        f"{type(self).__name__}(variance='minibatch') needs the mini-batch variance estimate "
-                        f"(parameter {pi} of group {gi} has {'none' if s is None else 'one of the wrong shape'}): "
-                        "record the backward pass with lightning_msvag.batch_variance.BatchVarianceEstimator "
-                        "or add BatchVarianceCallback"
-                    )
-
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
-        """One step; with ``variance="minibatch"`` every parameter with a gradient must carry
-        ``grad_batch_variance`` (checked after ``closure``, before anything changes)."""
-        if not self.rule.needs_batch_variance:
-            return super().step(closure)
-        loss = None
-        if closure is not None:  # the closure's backward pass is what records the estimate
-            with torch.enable_grad():
-                loss = closure()
-        self._check_batch_variance()
-        if getattr(self, "grad_scale", None) is not None:  # before anything changes
-            raise RuntimeError(
-                f"{type(self).__name__}(variance='minibatch'): the mini-batch variance estimate does not take a "
-                "GradScaler's scaled gradients (16-mixed); train in 32 or bf16-mixed"
-            )
-        super().step()
-        return loss
+        self._set_rule_defaults(variance=variance)
 
 
 class MSGD(DissectedOptimizer):
@@ -528,9 +661,9 @@ class MSSDVA(_VarianceChoice):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, beta: float = 0.9, *, factor: str = "erf",
                  variance: str = "moving_average", **kwargs) -> None:
-        self.rule = type(self).rule_for(factor=factor, variance=variance)
+        type(self).rule_for(factor=factor, variance=variance)  # a bad value raises before anything is built
         super(_VarianceChoice, self).__init__(params, lr, beta, **kwargs)
-        self._record_estimator()
+        self._set_rule_defaults(factor=factor, variance=variance)
 
     @torch.no_grad()
     def sign_factors(self) -> List[Tensor]:

@@ -99,6 +99,14 @@ class UpdateRule:
             raise ValueError("variance='minibatch' applies to variance adaptation only")
 
     @property
+    def label(self) -> str:
+        """The method's name in the paper's spelling (Fig. 1): M-SGD, M-SSD, M-SVAG, SVAG, SSD, M-SSD-VA, ..."""
+        prefix = "M-" if self.direction == "momentum" else ""
+        if self.sign:
+            return prefix + ("SSD-VA" if self.variance_adaptation else "SSD")
+        return prefix + ("SVAG" if self.variance_adaptation else "SGD")
+
+    @property
     def needs_first_moment(self) -> bool:
         """m~ is the direction (momentum) or feeds γ (variance adaptation)."""
         return self.direction == "momentum" or self.variance_adaptation

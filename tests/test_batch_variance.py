@@ -8,6 +8,7 @@ with the same dropout mask (same seed), in float64; then Σ∇ℓ_k, Σ∇ℓ_k�
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_msvag import batch_variance
+from lightning_msvag import batch_variance, per_example
 from lightning_msvag.batch_variance import BatchVarianceError, BatchVarianceEstimator, batch_variance_from_moments
 from models import CharLSTM, ThreeC3D, TwoC2D
 from models import WideResNet404
@@ -75,7 +76,7 @@ def _small_lstm():
 @pytest.mark.parametrize("problem", ["2c2d", "3c3d", "char_lstm", "char_lstm_chunked"])
 def test_matches_per_example_backward_passes(problem, monkeypatch):
     if problem.endswith("_chunked"):  # one example per chunk in the per-example products
-        monkeypatch.setattr(batch_variance, "_CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(per_example, "_CHUNK_ELEMENTS", 1)
     torch.manual_seed(0)
     if problem == "2c2d":
         model, x, y = TwoC2D(weight_decay=0.01).double(), torch.randn(3, 1, 28, 28, dtype=torch.float64), torch.tensor([1, 4, 1])
@@ -91,14 +92,15 @@ def test_matches_per_example_backward_passes(problem, monkeypatch):
     assert set(result) == set(expected)
     for p, (s1, s2, var) in expected.items():
         assert var.abs().max() > 0  # a nontrivial check
-        torch.testing.assert_close(p.grad_batch_mean, s1 / x.shape[0], rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(result[p], var, rtol=1e-9, atol=1e-15)
         assert p.grad_batch_variance is result[p] and p.grad_batch_variance.dtype == p.dtype
     if problem == "2c2d":
-        # p.grad includes the L2 gradient; the estimator's mean is the data term's only.
+        # p.grad includes the L2 gradient, σ̂² only the data term's variance: with ḡ taken from
+        # p.grad instead of the data term the estimate would be off (σ̂² is shift-invariant only as a whole)
         w = model.fc1.weight
-        torch.testing.assert_close(w.grad - 0.01 * w.detach(), w.grad_batch_mean, rtol=1e-9, atol=1e-12)
-        assert not torch.allclose(w.grad, w.grad_batch_mean)
+        s1, s2, var = expected[w]
+        wrong = (s2 / x.shape[0] - w.grad.square()) / (x.shape[0] - 1)
+        assert not torch.allclose(wrong, var)
 
 
 def test_sum_reduction_and_linear_on_sequences():
@@ -112,7 +114,8 @@ def test_sum_reduction_and_linear_on_sequences():
     result = est.compute()
     for i, p in enumerate(model.parameters()):
         g = torch.stack([pe[i] for pe in per_example])
-        torch.testing.assert_close(result[p], (g.square().mean(0) - g.mean(0).square()) / 4, rtol=1e-10, atol=1e-14)
+        # the optimizer receives Σ_k ∇ℓ_k: its variance is B · (one example's variance), B² var[ḡ]
+        torch.testing.assert_close(result[p], 5 * g.var(0, unbiased=True), rtol=1e-10, atol=1e-14)
 
 
 def test_variance_formula_closed_form():
@@ -124,25 +127,35 @@ def test_variance_formula_closed_form():
 
 
 def test_refusals():
+    # BatchNorm in training mode is the reason a WRN is refused, named first (its padded
+    # convolution has no rule either, a secondary reason)
     wrn = WideResNet404(depth=10, width=1, num_classes=10)
+    with pytest.raises(BatchVarianceError, match=r"^BatchNorm2d 'group1.0.bn1' in training mode normalises over the batch.*"
+                                                 r"Use the moving-average estimate \(m-svag"):
+        BatchVarianceEstimator(wrn)
+    wrn.eval()
+    for m in wrn.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.requires_grad_(False)
+    with pytest.raises(BatchVarianceError, match=r"overrides Conv2d.forward"):
+        BatchVarianceEstimator(wrn)
     for conv in [m for m in wrn.modules() if type(m).__name__ == "TFSameConv2d"]:
-        conv.weight.requires_grad_(False)  # its own forward pads: refused separately below
+        conv.weight.requires_grad_(False)
     est = BatchVarianceEstimator(wrn)
-    with pytest.raises(BatchVarianceError, match=r"^BatchNorm2d in training mode mixes the examples of a batch"):
+    wrn.train()  # checked again when a step is recorded
+    with pytest.raises(BatchVarianceError, match=r"^BatchNorm2d '.*' in training mode normalises over the batch"):
         est.start()
     est.close()
     with pytest.raises(BatchVarianceError, match="fused multi-step RNN modules are not supported"):
         BatchVarianceEstimator(nn.Sequential(nn.LSTM(3, 4, num_layers=2)))
     with pytest.raises(BatchVarianceError, match=r"has trainable parameters but no per-example gradient rule"):
         BatchVarianceEstimator(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
-    with pytest.raises(BatchVarianceError, match=r"overrides Conv2d.forward"):
-        BatchVarianceEstimator(WideResNet404(depth=10, width=1, num_classes=10))
     with pytest.raises(BatchVarianceError, match="groups=1"):
         BatchVarianceEstimator(nn.Conv2d(4, 4, 3, groups=2))
-    # Gradient accumulation / weight sharing: a second forward in one recorded step.
+    # Gradient accumulation: a second forward after the backward of one recorded step.
     model = nn.Linear(3, 2)
     est = BatchVarianceEstimator(model)
-    with pytest.raises(BatchVarianceError, match="called 2 times in one recorded step"):
+    with pytest.raises(BatchVarianceError, match="ran forward after the backward pass of the recorded step"):
         with est.record():
             model(torch.randn(4, 3)).sum().backward()
             model(torch.randn(4, 3)).sum().backward()
@@ -315,7 +328,7 @@ def test_strided_dilated_and_rectangular_convolutions_match_per_example_passes(m
     """The per-example conv rule (strided patches + bmm) with stride, dilation, rectangular
     kernels and asymmetric padding against the brute force; with ``chunk_elements=1`` every
     example is its own chunk (the chunked sums must add up to the one-chunk result)."""
-    monkeypatch.setattr(batch_variance, "_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(per_example, "_CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(2)
     model = _StridedConvNet().double()
     x, y = torch.randn(5, 2, 9, 9, dtype=torch.float64), torch.tensor([0, 2, 1, 2, 0])
@@ -435,3 +448,384 @@ def test_bfloat16_autocast_estimate_is_close_to_the_float32_one(problem):
         assert var16.dtype == torch.float32 and torch.isfinite(var16).all()
         assert var32.sum() > 0
         assert float(var16.sum() / var32.sum()) == pytest.approx(1.0, abs=0.05), name
+
+
+# ----------------------------------------------- no silent wrong numbers (issue 24)
+def _brute_force_of(losses_fn, params, reduction="mean"):
+    """σ̂² of the gradient of mean_k ℓ_k (or Σ_k ℓ_k), written out from each example's own
+    gradient through one batched forward pass (float64)."""
+    losses = losses_fn()
+    grads = [torch.autograd.grad(losses[k], params, retain_graph=True, allow_unused=True) for k in range(losses.numel())]
+    out = {}
+    for i, p in enumerate(params):
+        g = torch.stack([torch.zeros_like(p) if pe[i] is None else pe[i] for pe in grads])
+        b = g.shape[0]
+        out[p] = g.var(0, unbiased=True) / b if reduction == "mean" else g.var(0, unbiased=True) * b
+    return out
+
+
+class _TwoLayersOneWeight(nn.Module):
+    """``b.weight = a.weight``: one weight used by two layers (and a after b: a is called twice)."""
+
+    def __init__(self, twice: bool):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.b.weight = self.a.weight
+        self.twice = twice
+
+    def forward(self, x):
+        h = torch.tanh(self.b(torch.tanh(self.a(x))))
+        if self.twice:
+            h = torch.tanh(self.a(h))
+        return self.out(h)
+
+
+class _TiedHead(nn.Module):
+    """A character model whose output layer is the embedding (GPT-style tying through a module)."""
+
+    def __init__(self, vocab=9, dim=5):
+        super().__init__()
+        self.embedding, self.mix = nn.Embedding(vocab, dim), nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embedding.weight
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.mix(self.embedding(idx))))
+
+
+class _SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+        self.c2.weight = self.c1.weight
+        self.fc = nn.Linear(2 * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.c2(torch.tanh(self.c1(x)))).flatten(1))
+
+
+def _shared_case(case):
+    torch.manual_seed(2)
+    if case in ("two-layers", "called-twice"):
+        model = _TwoLayersOneWeight(twice=case == "called-twice").double()
+        x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+        return model, lambda: F.cross_entropy(model(x), y, reduction="none")
+    if case == "tied-head":
+        model = _TiedHead().double()
+        idx, y = torch.randint(0, 9, (5, 7)), torch.randint(0, 9, (5, 7))
+        return model, lambda: F.cross_entropy(model(idx).transpose(1, 2), y, reduction="none").mean(1)
+    if case == "tied-char-lstm":  # the P4 model with its output layer tied to the embedding
+        model, x, y = _small_lstm()
+        model.embedding = nn.Embedding(11, 5).double()
+        model.lstm_layers[0] = type(model.lstm_layers[0])(5, 5).double()
+        model.dense.weight = model.embedding.weight
+        return model, lambda: F.cross_entropy(model(x, model._test_state)[0].transpose(1, 2), y, reduction="none").mean(1)
+    model = _SharedConv().double()
+    x, y = torch.randn(5, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (5,))
+    return model, lambda: F.cross_entropy(model(x), y, reduction="none")
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 20, 1])
+@pytest.mark.parametrize("case", ["two-layers", "called-twice", "tied-head", "tied-char-lstm", "shared-conv"])
+def test_shared_parameters_get_the_exact_sum_over_their_uses(case, chunk_elements, monkeypatch):
+    """A parameter used by several layers or calls: the per-example gradients of its uses are
+    summed before squaring (exact against per-example backward passes in float64)."""
+    monkeypatch.setattr(per_example, "_CHUNK_ELEMENTS", chunk_elements)
+    model, losses_fn = _shared_case(case)
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(9)
+    expected = _brute_force_of(losses_fn, params)
+    est = BatchVarianceEstimator(model)
+    model.zero_grad()
+    torch.manual_seed(9)  # the same dropout masks
+    with est.record():
+        (losses_fn().mean() + 0.01 * sum(p.square().sum() for p in params)).backward()
+    result = est.compute()
+    for p in params:
+        assert expected[p].abs().max() > 0
+        torch.testing.assert_close(result[p], expected[p], rtol=1e-9, atol=1e-15)
+
+
+class _FunctionalHead(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.embedding, self.mix = nn.Embedding(9, 5), nn.Linear(5, 5)
+        self.how = how
+
+    def forward(self, idx):
+        h = torch.tanh(self.mix(self.embedding(idx)))
+        if self.how == "F.linear":
+            return F.linear(h, self.embedding.weight)[..., :5]
+        if self.how == "matmul":
+            return h @ self.mix.weight.t()  # mix's weight used again, outside mix
+        return h
+
+
+@pytest.mark.parametrize("how", ["F.linear", "matmul"])
+def test_a_parameter_used_outside_its_layers_is_refused(how):
+    """A functional use inside the model (a tied head written as F.linear(h, emb.weight)) has no
+    per-example rule: refused in one line naming the parameter; an L2 term of the same weight in
+    the loss, outside the model, is deterministic and fine."""
+    model = _FunctionalHead(how)
+    idx, y = torch.randint(0, 9, (4, 6)), torch.randint(0, 5, (4, 6))
+    est = BatchVarianceEstimator(model)
+    with est.record():
+        F.cross_entropy(model(idx).transpose(1, 2), y).backward()
+    name = "embedding.weight" if how == "F.linear" else "mix.weight"
+    with pytest.raises(BatchVarianceError, match=rf"^parameter '{name}' is used outside the layers that own it"):
+        est.compute()
+    model.how = "none"
+    with est.record():
+        (F.cross_entropy(model(idx).transpose(1, 2), y) + model.mix.weight.square().sum()).backward()
+    est.compute()  # the regulariser outside the model is fine
+
+
+@pytest.mark.parametrize("method", ["m-svag-mb", "svag-mb", "m-ssd-va-mb"])
+def test_a_sum_loss_steps_as_the_mean_loss(method):
+    """loss_reduction='sum': σ̂² is the variance of the summed gradient (B² the mean's), so a sum
+    loss at α/B steps as the mean loss at α (sign methods: at α), over several steps."""
+    import lightning_msvag as lm
+
+    cls, args = {"m-svag-mb": (lm.MSVAG, {}), "svag-mb": (lm.SVAG, {}), "m-ssd-va-mb": (lm.MSSDVA, {})}[method]
+    torch.manual_seed(4)
+    data = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))) for _ in range(5)]
+    runs = []
+    for reduction in ("mean", "sum"):
+        torch.manual_seed(5)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        lr = 0.1 if reduction == "mean" or cls is lm.MSSDVA else 0.1 / 8
+        opt = cls(model.parameters(), lr=lr, variance="minibatch", **args)
+        est = BatchVarianceEstimator(model, loss_reduction=reduction)
+        for x, y in data:
+            opt.zero_grad()
+            with est.record():
+                F.cross_entropy(model(x), y, reduction=reduction).backward()
+            est.compute()
+            opt.step()
+        runs.append([p.detach() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def _estimated_step(model, x, y, est):
+    model.zero_grad()
+    with est.record():
+        F.cross_entropy(model(x), y).backward()
+    return est.compute()
+
+
+def test_clipping_by_norm_rescales_the_estimate():
+    """A uniform rescale of the gradients after the estimate (clip_grad_norm_) scales σ̂² by c²:
+    the step equals one given c²·σ̂² by hand (a second path), and M-SVAG's γ is unchanged by the clip."""
+    import lightning_msvag as lm
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    opt = lm.MSVAG(model.parameters(), lr=0.1, variance="minibatch")
+    opt_twin = lm.MSVAG(twin.parameters(), lr=0.1, variance="minibatch")
+    est = BatchVarianceEstimator(model)
+    for _ in range(3):
+        variances = _estimated_step(model, x, y, est)
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3))
+        c = min(1.0, 1e-3 / (norm + 1e-6))
+        assert c < 0.01
+        for p, q in zip(model.parameters(), twin.parameters()):
+            q.grad = p.grad.clone()
+            q.grad_batch_variance = variances[p] * c * c  # set by hand: taken as it is
+        opt.step()
+        opt_twin.step()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)
+            assert p.grad_batch_variance is None  # used up
+    # γ of a uniformly rescaled gradient and variance is the unclipped γ (Lemma 1 is scale-free)
+    fresh = copy.deepcopy(twin)
+    plain = lm.MSVAG(fresh.parameters(), lr=0.1, variance="minibatch")
+    clipped_model = copy.deepcopy(twin)
+    clipped = lm.MSVAG(clipped_model.parameters(), lr=0.1, variance="minibatch")
+    _estimated_step(fresh, x, y, BatchVarianceEstimator(fresh))
+    plain.step()
+    _estimated_step(clipped_model, x, y, BatchVarianceEstimator(clipped_model))
+    torch.nn.utils.clip_grad_norm_(clipped_model.parameters(), 1e-3)
+    clipped.step()
+    for a, b in zip(plain.variance_adaptation_factors(), clipped.variance_adaptation_factors()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("change", ["clip-by-value", "edited-gradient", "new-backward"])
+def test_a_gradient_changed_otherwise_is_refused_at_step(change):
+    """After the estimate, anything but a uniform rescale of a gradient (clip by value, a hook
+    or a hand edit, a second backward pass without a new estimate) is refused by step(),
+    naming the parameter, before anything changes."""
+    import lightning_msvag as lm
+
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    opt = lm.MSVAG(model.parameters(), lr=0.1, variance="minibatch")
+    est = BatchVarianceEstimator(model)
+    _estimated_step(model, x, y, est)
+    if change == "clip-by-value":
+        top = float(model[0].weight.grad.abs().max())
+        torch.nn.utils.clip_grad_value_(model.parameters(), 0.999 * top)  # one entry or a few
+    elif change == "edited-gradient":
+        model[2].bias.grad.add_(1e-3)
+    else:
+        model.zero_grad()
+        F.cross_entropy(model(x + 1), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"changed between the mini-batch variance estimate and step\(\) by something other "
+                                           r"than a uniform rescale"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())) and len(opt.state) == 0
+
+
+def test_one_estimate_one_step():
+    """step() uses the estimate up: a second step without a new one raises; compute() before the
+    backward pass raises instead of returning zeros (γ = 1, no adaptation)."""
+    import lightning_msvag as lm
+
+    torch.manual_seed(8)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    opt = lm.MSVAG(model.parameters(), lr=0.1, variance="minibatch")
+    est = BatchVarianceEstimator(model)
+    _estimated_step(model, x, y, est)
+    opt.step()
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()  # no estimate recorded for this gradient
+    with pytest.raises(RuntimeError, match="needs the mini-batch variance estimate for this step.*one estimate, one step"):
+        opt.step()
+    assert int(opt.state[model.weight]["step"]) == 1
+    with est.record():
+        loss = F.cross_entropy(model(x), y)
+        with pytest.raises(BatchVarianceError, match=r"compute\(\) found no recorded gradients: call it after loss.backward\(\)"):
+            est.compute()
+
+
+def test_lightning_clipping_by_norm_keeps_gamma_and_clipping_by_value_is_refused():
+    """Trainer(gradient_clip_val=1e-3): the first step's γ equals the unclipped run's (σ̂² is
+    rescaled with the gradient; before, γ fell to 0); gradient_clip_algorithm='value' that
+    changes a gradient is refused."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import lightning_msvag as lm
+    from lightning_msvag.batch_variance_callback import BatchVarianceCallback
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return lm.MSVAG(self.parameters(), lr=0.1, variance="minibatch")
+
+    torch.manual_seed(1)
+    data = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,))), batch_size=8)
+    gammas, moved = {}, {}
+    for clip in (None, 1e-3):
+        model = Net()
+        start = [p.detach().clone() for p in model.parameters()]
+        trainer = pl.Trainer(max_steps=1, callbacks=[BatchVarianceCallback()], gradient_clip_val=clip, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             accelerator="cpu")
+        trainer.fit(model, data)
+        gammas[clip] = torch.cat([g.flatten() for g in trainer.optimizers[0].variance_adaptation_factors()])
+        moved[clip] = sum(float((p.detach() - s).norm()) for p, s in zip(model.parameters(), start))
+    assert moved[1e-3] < 0.1 * moved[None]  # the clip acted
+    assert float(gammas[None].mean()) > 0.1
+    torch.testing.assert_close(gammas[1e-3], gammas[None], rtol=1e-4, atol=1e-6)
+    trainer = pl.Trainer(max_steps=1, callbacks=[BatchVarianceCallback()], gradient_clip_val=1e-4,
+                         gradient_clip_algorithm="value", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    with pytest.raises(RuntimeError, match="other than a uniform rescale"):
+        trainer.fit(Net(), data)
+
+
+# ------------------------------------------------------- the self-check (issue 24)
+def _shipped(problem):
+    torch.manual_seed(3)
+    if problem == "2c2d":
+        model = TwoC2D(weight_decay=0.01).double()
+        x, y = torch.randn(6, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (6,))
+        return model, lambda: F.cross_entropy(model(x), y, reduction="none")
+    if problem == "3c3d":
+        model = ThreeC3D().double()
+        x, y = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (6,))
+        return model, lambda: F.cross_entropy(model(x), y, reduction="none")
+    model, x, y = _small_lstm()
+    return model, lambda: _per_example_losses(model, x, y)
+
+
+@pytest.mark.parametrize("problem", ["2c2d", "3c3d", "char_lstm"])
+def test_check_batch_variance_passes_on_the_shipped_models(problem):
+    """The self-check on every problem model the estimate serves (float64, dropout on): within
+    round-off; the model, its gradients and the RNG are left as they were."""
+    from lightning_msvag.batch_variance_check import check_batch_variance
+
+    model, losses_fn = _shipped(problem)
+    model.train()
+    marker = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, m in zip(model.parameters(), marker):
+        p.grad = m
+    rng = torch.get_rng_state()
+    errors = check_batch_variance(model, losses_fn)
+    assert set(errors) == {n for n, p in model.named_parameters()} and max(errors.values()) < 1e-9
+    assert all(p.grad is m and getattr(p, "grad_batch_variance", None) is None for p, m in zip(model.parameters(), marker))
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_check_batch_variance_on_the_wrn_names_batchnorm():
+    from lightning_msvag.batch_variance_check import check_batch_variance
+
+    model = WideResNet404(depth=10, width=1, num_classes=10)
+    x = torch.randn(4, 3, 32, 32)
+    with pytest.raises(BatchVarianceError, match="BatchNorm2d .* in training mode normalises over the batch"):
+        check_batch_variance(model, lambda: F.cross_entropy(model(x), torch.zeros(4, dtype=torch.long), reduction="none"))
+
+
+class _Breaks(nn.Module):
+    """Models the rules cannot see through: time-major input, layers that mix a batch's rows."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 4)
+        self.kind = kind
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.kind == "batch_norm":
+            h = F.batch_norm(h, None, None, training=True)  # no parameters, statistics of the batch
+        elif self.kind == "centre":
+            h = h - h.mean(0)
+        return self.b(torch.tanh(h))
+
+
+@pytest.mark.parametrize("kind", ["time-major", "time-major-square", "batch_norm", "centre"])
+def test_check_batch_variance_catches_what_no_rule_sees(kind):
+    """The estimator cannot see these; the self-check must: a wrong σ̂² is an error naming the
+    parameter and the size of the error (or the row count that differs from the loss's)."""
+    from lightning_msvag.batch_variance_check import check_batch_variance
+
+    torch.manual_seed(11)
+    model = _Breaks(kind).double()
+    if kind.startswith("time-major"):
+        steps = 6 if kind == "time-major-square" else 9  # [T, B, in] with T = B: only the numbers tell
+        x, y = torch.randn(steps, 6, 3, dtype=torch.float64), torch.randint(0, 4, (steps, 6))
+        losses = lambda: F.cross_entropy(model(x).permute(1, 2, 0), y.t(), reduction="none").mean(1)  # noqa: E731
+    else:
+        x, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 4, (16,))
+        losses = lambda: F.cross_entropy(model(x), y, reduction="none")  # noqa: E731
+    message = r"the layers see 9 rows in dim 0, the loss has 6 examples" if kind == "time-major" else (
+        r"differs from brute-force per-example gradients by \d+\.\d% \(relative, parameter '[ab]\.")
+    with pytest.raises(BatchVarianceError, match=message):
+        check_batch_variance(model, losses)
+    model.kind = "none"
+    if not kind.startswith("time-major"):
+        check_batch_variance(model, losses)  # the same model without the mixing layer passes

@@ -408,7 +408,8 @@ def test_resume_with_the_other_variance_estimator_is_refused_in_one_line(tmp_pat
     not resume into the other (the optimizer state records the estimator)."""
     assert main(_tiny_fit(tmp_path, tolstoi_dir, 2)) == 0
     last = tmp_path / "logs" / "tolstoi_char_rnn" / "version_0" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["optimizer_states"][0]["variance"] == "moving_average"
+    # recorded where torch keeps hyperparameters: in the param groups
+    assert torch.load(last, weights_only=True)["optimizer_states"][0]["param_groups"][0]["variance"] == "moving_average"
     capsys.readouterr()
     assert main(_tiny_fit(tmp_path, tolstoi_dir, 4, "--optimizer", "m-svag-mb", "--ckpt_path", "last")) == 1
     err = capsys.readouterr().err
@@ -490,3 +491,16 @@ def test_base_class_options_reach_the_command_line(tmp_path, method):
                      "--optimizer.foreach", "true"], run=False)
     assert cli.config["optimizer"]["init_args"]["fused"] is False
     assert cli.config["optimizer"]["init_args"]["foreach"] is True
+
+
+def test_minibatch_method_on_a_batchnorm_model_names_batchnorm_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """--optimizer m-svag-mb on the WRN-40-4 config: one line naming BatchNorm (the real reason)
+    and what to use instead, exit 1, and no run folder (the check runs before the trainer exists)."""
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--config", str(CONFIGS / "cifar100_wrn404.yaml"), "--optimizer", "m-svag-mb",
+                 "--data.data_dir", str(tmp_path / "data"), "--data.download", "false", "--trainer.max_steps", "1"])
+    assert code == 1
+    err = capsys.readouterr().err
+    (line,) = _error_lines(err)
+    assert "BatchNorm2d" in line and "in training mode" in line and "m-svag" in line and "TFSameConv2d" not in line
+    assert not (tmp_path / "lightning_logs").exists() and not any(tmp_path.rglob("version_*"))

@@ -297,7 +297,7 @@ def test_state_dict_records_the_estimator_and_refuses_the_other(cls):
         opt = cls([p], lr=0.1, variance=variance)
         opt.step()
         saved[variance] = opt.state_dict()
-        assert saved[variance]["variance"] == variance
+        assert saved[variance]["param_groups"][0]["variance"] == variance  # where torch keeps hyperparameters
     for variance, other in (("moving_average", "minibatch"), ("minibatch", "moving_average")):
         target = cls([p], lr=0.1, variance=variance)
         target.load_state_dict(saved[variance])
@@ -305,8 +305,13 @@ def test_state_dict_records_the_estimator_and_refuses_the_other(cls):
         with pytest.raises(ValueError, match=f"built with variance='{other}'"):
             target.load_state_dict(saved[other])
         assert all(torch.equal(before[k], v) for k, v in target.state[p].items())
-    legacy = {k: v for k, v in saved["moving_average"].items() if k != "variance"}
+    # a state of 0.1.0: no method record, the estimator (moving average) only at the top level
+    legacy = {"state": saved["moving_average"]["state"],
+              "param_groups": [{k: v for k, v in g.items() if k not in ("variance", "factor")}
+                               for g in saved["moving_average"]["param_groups"]]}
     cls([p], lr=0.1).load_state_dict(legacy)
+    with pytest.raises(ValueError, match="built with variance='moving_average'"):
+        cls([p], lr=0.1, variance="minibatch").load_state_dict(legacy)
 
 
 def test_cpu_kernel_float_erf_is_within_8_ulp_of_libm():

@@ -1091,3 +1091,175 @@ def test_step_counters_that_differ_are_read_per_tensor(method):
     assert [int(opt.state[p]["step"]) for p in (a, b, c)] == [11, 23, 11]
     for p, o in oracles.items():
         np.testing.assert_allclose(p.detach().numpy(), o.theta, rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------
+# The configuration lives where torch keeps hyperparameters (issue 24, rows 7 and 8)
+# --------------------------------------------------------------------------------------
+
+#: every row of the method table that is one of the project's classes (mini-batch rows included)
+ROWS = {m.name: m for m in METHODS if issubclass(m.cls, lm.DissectedOptimizer)}
+ROWS_AND_MB = dict(ROWS)
+
+
+def _row_optimizer(name, params, **kw):
+    method = ROWS[name]
+    return method.cls(params, **{**method.init_args, **kw})
+
+
+def _step_with_estimate(opt, params, rng):
+    for p in params:
+        p.grad = torch.tensor(rng.standard_normal(tuple(p.shape)))
+        if opt.needs_batch_variance:
+            p.grad_batch_variance = torch.tensor(rng.uniform(0.0, 1.0, tuple(p.shape)))
+    opt.step()
+
+
+def _public_attributes(obj):
+    return {k for k in obj.__dict__ if not k.startswith("_")}
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle", "state_dict"])
+@pytest.mark.parametrize("method", list(ROWS))
+def test_copies_carry_the_configuration_and_step_the_same_numbers(method, copier):
+    """deepcopy, pickle and state_dict carry every argument that changes the numbers (variance,
+    factor: hyperparameters in defaults and each param group, as torch keeps lr), so the copy
+    steps bitwise the same numbers; torch's test_deepcopy_copies_all_public_attrs holds."""
+    import pickle
+
+    rng = np.random.default_rng(3)
+    params = [torch.nn.Parameter(torch.tensor(rng.standard_normal(s))) for s in [(4, 3), (5,)]]
+    opt = _row_optimizer(method, params, lr=0.05, beta=0.8)
+    for _ in range(3):
+        _step_with_estimate(opt, params, rng)
+    if copier == "deepcopy":
+        twin = copy.deepcopy(opt)
+        assert _public_attributes(twin) == _public_attributes(opt)
+    elif copier == "pickle":
+        twin = pickle.loads(pickle.dumps(opt))
+    else:
+        clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        twin = _row_optimizer(method, clones, lr=0.05, beta=0.8)
+        twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert twin.rule == opt.rule == ROWS[method].rule
+    # (torch's Optimizer.__setstate__ adds differentiable=False to a copy's defaults)
+    assert {k: v for k, v in twin.defaults.items() if k != "differentiable"} == opt.defaults
+    for key in opt._RULE_ARGS:
+        assert [g[key] for g in twin.param_groups] == [g[key] for g in opt.param_groups] == [ROWS[method].init_args.get(key, g[key]) for g in opt.param_groups]
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    state = np.random.default_rng(4)
+    twin_state = np.random.default_rng(4)
+    for _ in range(3):
+        _step_with_estimate(opt, params, state)
+        _step_with_estimate(twin, twin_params, twin_state)
+    for a, b in zip(params, twin_params):
+        assert torch.equal(a.detach(), b.detach())
+
+
+def test_a_param_group_may_set_its_own_variance_and_factor():
+    """variance and factor are per-group hyperparameters: each group steps with its own rule
+    (checked against one-group optimizers with that setting), and a bad value is refused
+    before the group is added."""
+    rng = np.random.default_rng(5)
+    a, b = (torch.nn.Parameter(torch.tensor(rng.standard_normal(6))) for _ in range(2))
+    ref_a, ref_b = (torch.nn.Parameter(p.detach().clone()) for p in (a, b))
+    opt = lm.MSSDVA([dict(params=[a]), dict(params=[b], factor="sqrt", variance="minibatch")], lr=0.01)
+    single_a = lm.MSSDVA([ref_a], lr=0.01)
+    single_b = lm.MSSDVA([ref_b], lr=0.01, factor="sqrt", variance="minibatch")
+    assert opt.needs_batch_variance and not single_a.needs_batch_variance
+    assert opt.rule_of(opt.param_groups[1]) == single_b.rule != opt.rule
+    for _ in range(4):
+        g = [torch.tensor(rng.standard_normal(6)) for _ in range(2)]
+        s = torch.tensor(rng.uniform(0, 1, 6))
+        a.grad, b.grad, ref_a.grad, ref_b.grad = g[0], g[1], g[0].clone(), g[1].clone()
+        b.grad_batch_variance, ref_b.grad_batch_variance = s, s.clone()
+        opt.step(), single_a.step(), single_b.step()
+    assert torch.equal(a, ref_a) and torch.equal(b, ref_b)
+    sign_factors = opt.sign_factors()
+    assert torch.equal(sign_factors[1], single_b.sign_factors()[0]) and torch.equal(sign_factors[0], single_a.sign_factors()[0])
+    with pytest.raises(ValueError, match="sign_factor must be"):
+        opt.add_param_group(dict(params=[torch.nn.Parameter(torch.ones(2))], factor="tanh"))
+    assert len(opt.param_groups) == 2
+
+
+def _state_of(name, rng):
+    """A state dict of ``name`` after two steps on a (4, 3) and a (5,) parameter."""
+    params = [torch.nn.Parameter(torch.tensor(rng.standard_normal(s))) for s in [(4, 3), (5,)]]
+    if name == "adam":
+        opt = torch.optim.Adam(params, lr=0.01)
+    elif name == "sgd-momentum":
+        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    else:
+        opt = _row_optimizer(name, params, lr=0.01)
+    for _ in range(2):
+        _step_with_estimate(opt, params, rng) if name in ROWS else None
+        if name not in ROWS:
+            for p in params:
+                p.grad = torch.tensor(rng.standard_normal(tuple(p.shape)))
+            opt.step()
+    return opt.state_dict()
+
+
+def _same_method(a, b):
+    ra, rb = ROWS[a].rule, ROWS[b].rule
+    return (ra.direction, ra.sign, ra.variance_adaptation) == (rb.direction, rb.sign, rb.variance_adaptation)
+
+
+@pytest.mark.parametrize("source", list(ROWS) + ["adam", "sgd-momentum"])
+@pytest.mark.parametrize("target", ["m-sgd", "m-ssd", "m-svag", "svag", "ssd", "m-ssd-va"])
+def test_loading_another_methods_state_is_refused_in_one_line(target, source):
+    """load_state_dict refuses the state of another method (recorded in the state dict, or told
+    by its buffers and keys: torch's optimizers, states that predate the record) or of another
+    variance/factor, in one line naming both, and changes nothing; the optimizer steps on."""
+    rng = np.random.default_rng(6)
+    saved = _state_of(source, rng)
+    params = [torch.nn.Parameter(torch.tensor(rng.standard_normal(s))) for s in [(4, 3), (5,)]]
+    opt = _row_optimizer(target, params, lr=0.01)
+    _step_with_estimate(opt, params, rng)
+    snapshot = _snapshot(opt, params)
+    groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    same = source in ROWS and _same_method(source, target)
+    variants = [saved]
+    if source in ROWS:  # the same state without the record, as 0.1.0 wrote it
+        variants.append({"state": saved["state"], "param_groups": [{k: v for k, v in g.items() if k not in ("variance", "factor")} for g in saved["param_groups"]]})
+    buffers = {n: {"step"} | ({"exp_avg"} if ROWS[n].rule.needs_first_moment else set())
+               | ({"exp_avg_sq"} if ROWS[n].rule.needs_second_moment else set()) for n in ROWS}
+    for state_dict in variants:
+        # without the record only the buffers tell (M-SGD and M-SSD keep the same m~, the
+        # variance-adapted members the same m~, v~: each can continue the other's numbers)
+        told = "rule" in state_dict or source not in ROWS or buffers[source] != buffers[target]
+        differs = (not same and told) or any(g.get(k, d) != opt.param_groups[0][k] for g in state_dict["param_groups"]
+                                  for k, d in (("variance", "moving_average"), ("factor", opt.param_groups[0].get("factor"))) if k in opt.param_groups[0])
+        if not differs:
+            opt.load_state_dict(copy.deepcopy(state_dict))
+            opt.load_state_dict(opt.state_dict())
+            continue
+        with pytest.raises(ValueError) as raised:
+            opt.load_state_dict(copy.deepcopy(state_dict))
+        message = str(raised.value)
+        assert "\n" not in message and message.startswith(f"{type(opt).__name__}.load_state_dict:")
+        if same or not told:
+            assert "variance=" in message or "factor=" in message
+        elif "rule" in state_dict:
+            assert f"the state is {ROWS[source].rule.label}'s, this optimizer is {ROWS[target].rule.label}" in message
+        _assert_unchanged(opt, params, snapshot)
+        assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
+    _step_with_estimate(opt, params, rng)  # and it steps on
+
+
+@pytest.mark.parametrize("method", [n for n, c in CLASSES.items() if c.rule.needs_first_moment])
+def test_a_failed_step_does_not_advance_the_counter(method):
+    """A step that fails inside the update (here: a hand-edited state missing a buffer) leaves
+    the counters and the state it would have created as they were."""
+    cls = CLASSES[method]
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = cls([a, b], lr=0.1)
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    opt.step()
+    del opt.state[a]["exp_avg"]
+    c = torch.nn.Parameter(torch.ones(2))
+    opt.add_param_group(dict(params=[c]))
+    c.grad = torch.ones(2)
+    with pytest.raises(Exception):
+        opt.step()
+    assert int(opt.state[a]["step"]) == 1 and int(opt.state[b]["step"]) == 1

@@ -13,8 +13,6 @@ accuracy, higher is better; values are the means over seeds; "noise" is √(std_
   they interleave.
 - *group ahead* (group A ahead of group B): **holds**: every method of A is better than every method
   of B; **partly**: A's mean is better than B's but the groups overlap; **does not hold** otherwise.
-- *not ahead* (group A not ahead of group B): the negation of *group ahead*: **holds** when "A
-  ahead of B" does not hold, **partly** when it holds partly, **does not hold** when it holds.
 - *at least as good* (method A vs its base B): **holds** when A is better or equal; **holds within
   noise** when A is worse by at most the noise; **does not hold** when A is worse by more.
 - *similar* (method A ≈ method B; docs/algorithm.md §1.1, §1.2): **holds within noise** when
@@ -59,7 +57,7 @@ VERDICTS = ("holds", "holds within noise", "partly", "does not hold", "n/a")
 
 @dataclass(frozen=True)
 class Claim:
-    """One observation of the paper: ``kind`` in cluster / group_ahead / not_ahead / at_least."""
+    """One observation of the paper: ``kind`` in cluster / group_ahead / at_least (/ similar)."""
 
     key: str
     text: str
@@ -88,8 +86,7 @@ _PROBLEM_CLAIMS: Dict[str, List[Claim]] = {
     "fmnist_2c2d": [
         Claim("p1-sign-loss", "On P1 the sign-based methods are ahead in training loss",
               "group_ahead", "train_loss", _SIGN, _NONSIGN),
-        Claim("p1-sign-acc", "Test accuracy: the sign-based methods' training-loss lead does not make them "
-              "better on the test set (not ahead)", "not_ahead", "test_accuracy", _SIGN, _NONSIGN),
+        # (no P1 test-accuracy row: the paper's §6.2 test-set observation is about P3, see below)
     ],
     "tolstoi_char_rnn": [
         Claim("p4-nonsign-loss", "On P4 the non-sign methods are better (training loss)",
@@ -151,7 +148,7 @@ def margin(claim: Claim, values: Mapping[str, float]) -> Tuple[float, Optional[b
     """``(margin, means_in_order)`` of the claim on one set of per-method values (raw, not oriented).
 
     cluster: gap between the groups' ranges minus the larger within-group spread (``means_in_order``:
-    the groups do not interleave). group_ahead / not_ahead: worst of A minus best of B, oriented
+    the groups do not interleave). group_ahead: worst of A minus best of B, oriented
     (``means_in_order``: A's mean is better). at_least: A minus B, oriented.
     """
     v = _oriented(values, claim.metric)
@@ -160,7 +157,7 @@ def margin(claim: Claim, values: Mapping[str, float]) -> Tuple[float, Optional[b
         gap = max(min(a) - max(b), min(b) - max(a))
         spread = max(max(a) - min(a), max(b) - min(b))
         return gap - spread, gap > 0
-    if claim.kind in ("group_ahead", "not_ahead"):
+    if claim.kind == "group_ahead":
         return min(a) - max(b), sum(a) / len(a) > sum(b) / len(b)
     if claim.kind == "at_least":
         return a[0] - b[0], None
@@ -174,8 +171,6 @@ def _verdict(claim: Claim, m: float, in_order: Optional[bool], noise: float) -> 
         return "holds" if m > 0 else ("partly" if in_order else "does not hold")
     if claim.kind == "group_ahead":
         return "holds" if m > 0 else ("partly" if in_order else "does not hold")
-    if claim.kind == "not_ahead":
-        return "does not hold" if m > 0 else ("partly" if in_order else "holds")
     if claim.kind == "similar":
         return "holds within noise" if -m <= noise else "does not hold"
     if m >= 0:
@@ -234,8 +229,7 @@ def _track(claim: Claim, methods: Mapping[str, Any], source: str) -> Optional[Di
         # that would make it hold, where would a straight line through them cross 0? (A hint for
         # longer runs, not a measurement.)
         slope = (margins[-1] - margins[-2]) / (steps[-1] - steps[-2])
-        towards = -slope if claim.kind == "not_ahead" else slope
-        if towards > 0 and slope != 0:
+        if slope > 0:
             track["extrapolated_change"] = int(round(steps[-1] - margins[-1] / slope))
     return track
 

@@ -218,7 +218,7 @@ def _measured(row: Mapping[str, Any]) -> str:
         return text
     text = ", ".join(one(m) for m in a) + " | " + ", ".join(one(m) for m in b)
     if row.get("margin") is not None:
-        label = {"cluster": "gap − spread", "group_ahead": "margin", "not_ahead": "margin of the first group"}[row["kind"]]
+        label = {"cluster": "gap − spread", "group_ahead": "margin"}[row["kind"]]
         text += f"; {label} {row['margin']:+.4f}"
     return text
 

@@ -1,0 +1,426 @@
+"""Per-example gradients of the layers the mini-batch variance estimate supports (docs/algorithm.md §1.1).
+
+A rule turns one recorded call of a layer (its saved input ``a`` and the gradient ``e`` of the
+batch loss with respect to its output) into per-example statistics of the gradients of the
+layer's own parameters, without B backward passes. Example k is row k of dim 0 of the layer's
+input and output. Rows of ``e`` are first multiplied by ``scale`` (B for a loss that is a mean
+over the batch, 1 for a sum), so that row k's part of the batch gradient becomes example k's
+own gradient ∇ℓ_k.
+
+Two forms per rule:
+
+* :meth:`LayerRule.moments`: ``(Σ_k ∇ℓ_k, Σ_k ∇ℓ_k²)`` of each parameter, for a parameter that
+  this call alone uses (the fast path: ``nn.Linear`` on ``[B, in]`` needs no per-example tensor
+  at all, Σ_k (e_k a_kᵀ)² = (e²)ᵀ(a²));
+* :meth:`LayerRule.per_example`: the per-example gradients ``[n, *shape]`` of a chunk of rows,
+  for a parameter used by several calls (a weight shared by two layers, a tied embedding and
+  output layer, a layer called twice): the estimator sums the calls' per-example gradients
+  before squaring, since (∇ℓ_k⁽¹⁾ + ∇ℓ_k⁽²⁾)² is not ∇ℓ_k⁽¹⁾² + ∇ℓ_k⁽²⁾².
+
+The rules:
+
+* ``nn.Linear`` on ``[B, …, in]``: ∇ℓ_k = e_kᵀ a_k over the positions of row k (one batched
+  matmul; on ``[B, in]`` the product of squares above).
+* ``nn.Conv2d`` (groups 1, zero padding): ∇ℓ_k = e_k · patches(a_k)ᵀ by batched matmuls, the
+  patches read through a strided view of the padded input, a chunk of examples at a time.
+* ``nn.Embedding``: ∇ℓ_k by a ``scatter_add`` of row k's output gradients into the rows of
+  its indices.
+* LSTM layers with the fused-layer protocol (:class:`LSTMLayerRule`): a hand-written backward
+  through time of the cell recursion from the saved output gradients gives every row's gate
+  pre-activation gradients (rows never mix in an LSTM); per-example gradients follow by
+  batched matmuls.
+
+Per-example matrices are squared and summed chunk by chunk while they are still in cache
+(:func:`_per_example_product_moments`): no tensor of B × a layer's parameters is formed (the
+embedding's ``[B, V, D]`` excepted).
+
+This module needs only torch; :mod:`lightning_msvag.batch_variance` records the calls and
+combines the rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LayerCall", "LayerRule", "RULES", "UnsupportedLayer", "rule_for_module"]
+
+# Elements of the per-example tensors formed at once (float32: 4 MB). Squaring and summing
+# them while they are still in cache, instead of one batch-sized tensor, halves the cost of
+# the convolution and LSTM layers (benchmarks/batch_variance_cost.py).
+_CHUNK_ELEMENTS = 1 << 20
+
+
+class UnsupportedLayer(ValueError):
+    """A layer whose trainable parameters have no per-example rule (the message says why)."""
+
+
+class LayerCall:
+    """One call of a supported layer in the recorded step: its inputs, its outputs' gradients.
+
+    ``grads[i]`` is the gradient of output ``i`` (absent: none reached it). ``prepare`` converts
+    them once to the compute dtype and multiplies the output gradients by ``scale``.
+    """
+
+    __slots__ = ("module", "rule", "inputs", "grads", "batch", "in_nodes", "out_nodes", "cache")
+
+    def __init__(self, module: nn.Module, rule: "LayerRule", inputs: Any, outputs: Sequence[Tensor], in_tensors: Sequence[Tensor]) -> None:
+        self.module = module
+        self.rule = rule
+        self.inputs = inputs
+        self.grads: Dict[int, Tensor] = {}
+        self.batch = int(outputs[0].shape[0])
+        # the autograd nodes that bound this call (docs/algorithm.md §1.1: uses outside a layer)
+        self.out_nodes = [t.grad_fn for t in outputs if t.grad_fn is not None]
+        self.in_nodes = [t.grad_fn for t in in_tensors if t.grad_fn is not None]
+        self.cache: Dict[str, Any] = {}
+
+    @property
+    def reached(self) -> bool:
+        """Some gradient of the loss reached this call's outputs."""
+        return bool(self.grads)
+
+
+def _own(module: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+
+class LayerRule:
+    """What a rule implements (one subclass per layer type, registered in :data:`RULES`)."""
+
+    #: the layer types a rule's :meth:`accepts` is asked about
+    types: Tuple[type, ...] = ()
+
+    def accepts(self, module: nn.Module, label: str) -> bool:
+        """Whether this rule steps ``module``'s parameters; :class:`UnsupportedLayer` for a variant
+        of its layer type it cannot handle exactly (:meth:`refuse_variants`)."""
+        if not isinstance(module, self.types):
+            return False
+        self.refuse_variants(module, label)
+        return True
+
+    def refuse_variants(self, module: nn.Module, label: str) -> None:
+        """Raise :class:`UnsupportedLayer` for a configuration of the layer the rule does not cover."""
+
+    def capture(self, module: nn.Module, args: tuple, output: Any) -> LayerCall:
+        """The call record of one forward (inputs detached); its ``outputs`` get gradient hooks."""
+        a = args[0]
+        return LayerCall(module, self, a.detach(), [output], [a])
+
+    def outputs(self, output: Any) -> Tuple[Tensor, ...]:
+        """The tensors whose gradients the rule needs, in the order of ``LayerCall.grads``."""
+        return (output,)
+
+    def prepare(self, call: LayerCall, dtype: torch.dtype, scale: float) -> None:
+        """Convert the saved tensors to ``dtype`` and the output gradients to per-example ones."""
+        if "prepared" in call.cache:
+            return
+        if call.inputs.is_floating_point():
+            call.inputs = call.inputs.to(dtype)
+        call.grads = {i: g.to(dtype) * scale for i, g in call.grads.items()}
+        call.cache["prepared"], call.cache["dtype"] = True, dtype
+
+    def moments(self, call: LayerCall, names: Sequence[str]) -> Dict[str, Tuple[Tensor, Tensor]]:
+        """``{name: (Σ_k ∇ℓ_k, Σ_k ∇ℓ_k²)}`` of the parameters ``names`` (used by this call alone)."""
+        if not call.reached:  # no gradient reached the layer: every per-example gradient is 0
+            params = dict(_own(call.module))
+            return {n: (torch.zeros_like(params[n], dtype=call.cache["dtype"]),
+                        torch.zeros_like(params[n], dtype=call.cache["dtype"])) for n in names}
+        return self._moments(call, names)
+
+    def per_example(self, call: LayerCall, name: str, rows: slice) -> Tensor:
+        """The per-example gradients ``[len(rows), *shape]`` of parameter ``name`` for the examples ``rows``."""
+        if not call.reached:
+            p = dict(_own(call.module))[name]
+            n = len(range(*rows.indices(call.batch)))
+            return torch.zeros((n, *p.shape), dtype=call.cache["dtype"], device=p.device)
+        return self._per_example(call, name, rows)
+
+    def _moments(self, call: LayerCall, names: Sequence[str]) -> Dict[str, Tuple[Tensor, Tensor]]:
+        raise NotImplementedError
+
+    def _per_example(self, call: LayerCall, name: str, rows: slice) -> Tensor:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------ helpers
+class _Im2Col:
+    """``rows ↦ [len(rows), L, in·kh·kw]``: the convolution's input patches of those examples.
+
+    The patches are read through a strided view of the zero-padded input and copied once into
+    ``[rows, in·kh·kw, L]`` (the weight's column order), which is about twice as fast on CPU
+    as ``F.unfold`` (benchmarks/batch_variance_cost.py); the transpose is free for ``bmm``.
+    """
+
+    def __init__(self, a: Tensor, kernel: Tuple[int, int], padding: Tuple[int, int], stride: Tuple[int, int], dilation: Tuple[int, int]) -> None:
+        (ph, pw), (kh, kw), (sh, sw), (dh, dw) = padding, kernel, stride, dilation
+        self.padded = F.pad(a, (pw, pw, ph, ph)).contiguous()
+        height, width = self.padded.shape[2:]
+        self.out_hw = ((height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1)
+        self.kernel, self.stride, self.dilation = (kh, kw), (sh, sw), (dh, dw)
+
+    def __call__(self, rows: slice) -> Tensor:
+        part = self.padded[rows]
+        n, channels = part.shape[:2]
+        s_n, s_c, s_h, s_w = part.stride()
+        (kh, kw), (sh, sw), (dh, dw), (oh, ow) = self.kernel, self.stride, self.dilation, self.out_hw
+        view = part.as_strided((n, channels, kh, kw, oh, ow), (s_n, s_c, dh * s_h, dw * s_w, sh * s_h, sw * s_w))
+        return view.reshape(n, channels * kh * kw, oh * ow).transpose(1, 2)
+
+
+def _per_example_product_moments(left: Tensor, right_rows: Callable[[slice], Tensor], width: int) -> Tuple[Tensor, Tensor]:
+    """``(Σ_k G_k, Σ_k G_k²)`` for the per-example products ``G_k = left[k] @ right_rows(k)``.
+
+    ``left`` is ``[B, out, L]``; ``right_rows(rows)`` gives ``[len(rows), L, width]``. Examples
+    are taken in chunks of about ``_CHUNK_ELEMENTS`` elements of G and of the right factor.
+    """
+    batch, out, inner = left.shape
+    s1 = left.new_zeros(out, width)
+    s2 = left.new_zeros(out, width)
+    chunk = max(1, _CHUNK_ELEMENTS // (width * max(out, inner)))
+    for start in range(0, batch, chunk):
+        rows = slice(start, start + chunk)
+        g = torch.bmm(left[rows], right_rows(rows))  # [chunk, out, width]
+        s1 += g.sum(0)
+        s2 += g.square_().sum(0)
+    return s1, s2
+
+
+def _row_moments(per_example: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(Σ_k x_k, Σ_k x_k²)`` over dim 0."""
+    return per_example.sum(0), per_example.square().sum(0)
+
+
+# ------------------------------------------------------------------ the rules
+class LinearRule(LayerRule):
+    """``nn.Linear`` on ``[B, in]`` or ``[B, …, in]`` (the weight shared over the positions of a row)."""
+
+    types = (nn.Linear,)
+
+    def _sequences(self, call: LayerCall) -> Tuple[Tensor, Tensor]:
+        a, e = call.inputs, call.grads[0]
+        return a.reshape(call.batch, -1, a.shape[-1]), e.reshape(call.batch, -1, e.shape[-1])
+
+    def _moments(self, call, names):
+        a, e = call.inputs, call.grads[0]
+        out = {}
+        if a.dim() == 2:
+            if "weight" in names:
+                out["weight"] = (e.t() @ a, e.square().t() @ a.square())
+            if "bias" in names:
+                out["bias"] = _row_moments(e)
+            return out
+        a3, e3 = self._sequences(call)
+        if "weight" in names:
+            out["weight"] = _per_example_product_moments(e3.transpose(1, 2), lambda rows: a3[rows], a3.shape[-1])
+        if "bias" in names:
+            out["bias"] = _row_moments(e3.sum(1))
+        return out
+
+    def _per_example(self, call, name, rows):
+        a3, e3 = self._sequences(call)
+        if name == "weight":
+            return torch.bmm(e3[rows].transpose(1, 2), a3[rows])
+        return e3[rows].sum(1)
+
+
+class Conv2dRule(LayerRule):
+    """``nn.Conv2d`` with groups 1 and zero padding."""
+
+    types = (nn.Conv2d,)
+
+    def refuse_variants(self, module, label):
+        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str) and module.padding != "valid":
+            raise UnsupportedLayer(f"{label}: only groups=1, zero-padded convolutions with integer padding are supported")
+
+    def _parts(self, call: LayerCall):
+        if "im2col" not in call.cache:
+            module = call.module
+            padding = (0, 0) if module.padding == "valid" else module.padding
+            call.cache["im2col"] = _Im2Col(call.inputs, module.kernel_size, padding, module.stride, module.dilation)
+        return call.grads[0].flatten(2), call.cache["im2col"]  # e: [B, out, L]
+
+    def _moments(self, call, names):
+        e3, patches = self._parts(call)
+        weight = call.module.weight
+        out = {}
+        if "weight" in names:
+            s1, s2 = _per_example_product_moments(e3, patches, weight[0].numel())
+            out["weight"] = (s1.view_as(weight), s2.view_as(weight))
+        if "bias" in names:
+            out["bias"] = _row_moments(e3.sum(2))
+        return out
+
+    def _per_example(self, call, name, rows):
+        e3, patches = self._parts(call)
+        if name == "weight":
+            g = torch.bmm(e3[rows], patches(rows))
+            return g.view(g.shape[0], *call.module.weight.shape)
+        return e3[rows].sum(2)
+
+
+class EmbeddingRule(LayerRule):
+    """``nn.Embedding`` (dense gradients, no ``max_norm``/``scale_grad_by_freq``)."""
+
+    types = (nn.Embedding,)
+
+    def refuse_variants(self, module, label):
+        if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+            raise UnsupportedLayer(f"{label}: Embedding with max_norm, scale_grad_by_freq or sparse is not supported")
+
+    def _per_example(self, call, name, rows):
+        module = call.module
+        idx = call.inputs.reshape(call.batch, -1)[rows]
+        e = call.grads[0]
+        e3 = e.reshape(call.batch, idx.shape[1], -1)[rows]
+        if module.padding_idx is not None:
+            e3 = e3 * (idx != module.padding_idx).unsqueeze(-1).to(e3.dtype)
+        g = torch.zeros(idx.shape[0], module.num_embeddings, e3.shape[-1], dtype=e3.dtype, device=e3.device)
+        return g.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, e3.shape[-1]), e3)
+
+    def _moments(self, call, names):
+        return {"weight": _row_moments(self._per_example(call, "weight", slice(None)))}
+
+
+def _is_lstm_layer(module: nn.Module) -> bool:
+    names = {n for n, _ in module.named_parameters(recurse=False)}
+    if names != {"weight_ih", "weight_hh", "bias"}:
+        return False
+    w_ih, w_hh = module.weight_ih, module.weight_hh
+    hidden = w_hh.shape[1]
+    return w_ih.dim() == 2 and w_hh.shape == (4 * hidden, hidden) and w_ih.shape[0] == 4 * hidden
+
+
+class LSTMLayerRule(LayerRule):
+    """One LSTM layer with the fused-layer protocol.
+
+    A module that owns exactly the trainable parameters ``weight_ih [4H, in]``, ``weight_hh
+    [4H, H]`` and ``bias [4H]`` (optional constant buffer ``forget_bias_hh [4H]`` added to the
+    pre-activations), is called as ``layer(x [B, T, in], (h0, c0) [1, B, H])`` and returns
+    ``(out [B, T, H], (h, c))`` computing PyTorch's LSTM (gate order i, f, g, o). Dropout
+    between layers is outside the layer, so the saved input is the dropped-out one and the
+    per-example gradient is exact for the mask actually drawn.
+    """
+
+    def accepts(self, module, label):
+        return _is_lstm_layer(module)
+
+    def capture(self, module, args, output):
+        x, state = args[0], args[1]
+        inputs = (x.detach(), tuple(s.detach() for s in state), output[0].detach())
+        return LayerCall(module, self, inputs, self.outputs(output), [x, *state])
+
+    def outputs(self, output):
+        return (output[0], output[1][0], output[1][1])
+
+    def prepare(self, call, dtype, scale):
+        if "prepared" in call.cache:
+            return
+        x, (h0, c0), out = call.inputs
+        call.inputs = (x.to(dtype), (h0.to(dtype), c0.to(dtype)), out.to(dtype))
+        call.grads = {i: g.to(dtype) for i, g in call.grads.items()}
+        call.cache["scale"] = scale
+        call.cache["prepared"], call.cache["dtype"] = True, dtype
+
+    def _gate_gradients(self, call: LayerCall) -> Tuple[Tensor, Tensor]:
+        """``(dz [B, T, 4H], inputs [B, T, in + H])``: every row's gate pre-activation gradients
+        (times ``scale``) and the matching right factors [x_t, h_{t−1}] of both weights."""
+        if "dz" in call.cache:
+            return call.cache["dz"], call.cache["right"]
+        module = call.module
+        x, (h0, c0), out = call.inputs
+        dtype = x.dtype
+        batch, steps = x.shape[0], x.shape[1]
+        hidden = module.weight_hh.shape[1]
+        grad_out, grad_h, grad_c = (call.grads.get(i) for i in range(3))
+        w_ih, w_hh = module.weight_ih.detach().to(dtype), module.weight_hh.detach().to(dtype)
+        bias = module.bias.detach().to(dtype)
+        extra = getattr(module, "forget_bias_hh", None)
+        if extra is not None:
+            bias = bias + extra.to(dtype)
+        # The layer's outputs are h_1..h_T, so every h_{t-1} is known and all gate
+        # pre-activations z_t (PyTorch gate order i, f, g, o) come from two matmuls; only
+        # c_t = f_t c_{t-1} + i_t g_t and the backward recursion run over t. Rows never mix in
+        # an LSTM, so dℓ/dz_t of the batch loss holds every example's own gradient in its row.
+        h_prev = torch.cat([h0[0].unsqueeze(1), out[:, :-1]], 1)  # [B, T, H]
+        # Time-major from here: the recursions below take contiguous [B, ·] slices per step.
+        inputs = torch.cat([x, h_prev], 2)  # [B, T, in + H]: both weights' right factors at once
+        z = (inputs @ torch.cat([w_ih, w_hh], 1).t() + bias).transpose(0, 1).contiguous()  # [T, B, 4H]
+        gates = z.view(steps, batch, 4, hidden)
+        i_g, f_g, o_g = gates[:, :, 0].sigmoid(), gates[:, :, 1].sigmoid(), gates[:, :, 3].sigmoid()
+        g_g = gates[:, :, 2].tanh()
+        c = c0[0]
+        cs = [c]
+        for ig_t, f_t in zip((i_g * g_g).unbind(0), f_g.unbind(0)):
+            c = torch.addcmul(ig_t, f_t, c)
+            cs.append(c)
+        c_all = torch.stack(cs)  # [T + 1, B, H]: c_0 .. c_T
+        c_prev, tanh_c = c_all[:-1], c_all[1:].tanh()
+        # dz_t = [dc·g·i(1−i), dc·c_{t−1}·f(1−f), dc·i·(1−g²), dh·tanh(c_t)·o(1−o)], with
+        # dh_t = dℓ/dout_t + dz_{t+1} W_hh and dc_t = dh_t·o_t·(1 − tanh²c_t) + dc_{t+1}·f_{t+1}.
+        from_c = torch.stack([g_g * i_g * (1 - i_g), c_prev * f_g * (1 - f_g), i_g * (1 - g_g.square())], 2)  # [T, B, 3, H]
+        from_h = tanh_c * o_g * (1 - o_g)
+        dh_to_dc = o_g * (1 - tanh_c.square())
+        dz = torch.empty(steps, batch, 4, hidden, dtype=dtype, device=x.device)
+        dh_next = grad_h[0] if grad_h is not None else torch.zeros_like(c)
+        dc_next = grad_c[0] if grad_c is not None else torch.zeros_like(c)
+        grad_out = grad_out.transpose(0, 1).unbind(0) if grad_out is not None else None
+        for t in range(steps - 1, -1, -1):
+            dh = dh_next if grad_out is None else dh_next + grad_out[t]
+            dc = torch.addcmul(dc_next, dh, dh_to_dc[t])
+            torch.mul(from_c[t], dc.unsqueeze(1), out=dz[t, :, :3])
+            torch.mul(from_h[t], dh, out=dz[t, :, 3])
+            if t:
+                dh_next = dz[t].view(batch, 4 * hidden) @ w_hh
+                dc_next = dc * f_g[t]
+        dz = dz.view(steps, batch, 4 * hidden).transpose(0, 1)  # [B, T, 4H]
+        dz *= call.cache["scale"]
+        call.cache["dz"], call.cache["right"] = dz, inputs
+        return dz, inputs
+
+    def _moments(self, call, names):
+        dz, inputs = self._gate_gradients(call)
+        width = call.inputs[0].shape[-1]
+        out = {}
+        if "weight_ih" in names or "weight_hh" in names:
+            s1, s2 = _per_example_product_moments(dz.transpose(1, 2), lambda rows: inputs[rows], inputs.shape[-1])
+            out["weight_ih"] = (s1[:, :width].contiguous(), s2[:, :width].contiguous())
+            out["weight_hh"] = (s1[:, width:].contiguous(), s2[:, width:].contiguous())
+        if "bias" in names:
+            out["bias"] = _row_moments(dz.sum(1))
+        return {n: out[n] for n in names}
+
+    def _per_example(self, call, name, rows):
+        dz, inputs = self._gate_gradients(call)
+        if name == "bias":
+            return dz[rows].sum(1)
+        width = call.inputs[0].shape[-1]
+        g = torch.bmm(dz[rows].transpose(1, 2), inputs[rows])
+        return (g[:, :, :width] if name == "weight_ih" else g[:, :, width:]).contiguous()
+
+
+#: The rules, asked in order.
+RULES: Tuple[LayerRule, ...] = (LinearRule(), Conv2dRule(), EmbeddingRule(), LSTMLayerRule())
+
+_OVERRIDABLE = (nn.Linear, nn.Conv2d, nn.Embedding)
+
+
+def rule_for_module(module: nn.Module, label: str) -> LayerRule:
+    """The rule for a module with trainable parameters of its own; :class:`UnsupportedLayer` if none."""
+    if isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
+        raise UnsupportedLayer(
+            f"{label}: fused multi-step RNN modules are not supported; use one layer module per layer "
+            "(weight_ih, weight_hh, bias; see lightning_msvag.per_example.LSTMLayerRule)"
+        )
+    for base in _OVERRIDABLE:
+        if isinstance(module, base) and type(module).forward is not base.forward:
+            # The hooks see the forward's input, which a custom forward may transform (e.g. pad) first.
+            raise UnsupportedLayer(f"{label} overrides {base.__name__}.forward: no per-example gradient rule")
+    for rule in RULES:
+        if rule.accepts(module, label):
+            return rule
+    raise UnsupportedLayer(f"{label} has trainable parameters but no per-example gradient rule")
