@@ -54,10 +54,16 @@ class _Reference(NamedTuple):
     name: str
 
 
-def attach(p: Tensor, variance: Tensor, grad: Optional[Tensor], name: str) -> None:
-    """Leave σ̂² (``variance``) on ``p`` for the gradient ``grad`` (``p.grad`` now; ``None`` if it has none)."""
+def attach(p: Tensor, variance: Tensor, grad: Optional[Tensor], name: str, buffer: Optional[Tensor] = None) -> None:
+    """Leave σ̂² (``variance``) on ``p`` for the gradient ``grad`` (``p.grad`` now; ``None`` if it has
+    none). The reference copy of ``grad`` goes into ``buffer`` where it fits (a buffer the caller
+    reuses step after step: no allocation), else into a new tensor."""
     setattr(p, VARIANCE_ATTRIBUTE, variance)
-    reference = None if grad is None else _Reference(weakref.ref(grad), grad._version, grad.detach().clone(), name)
+    reference = None
+    if grad is not None:
+        fits = buffer is not None and (buffer.shape, buffer.dtype, buffer.device) == (grad.shape, grad.dtype, grad.device)
+        copy = buffer.copy_(grad) if fits else grad.detach().clone()
+        reference = _Reference(weakref.ref(grad), grad._version, copy, name)
     setattr(p, _REFERENCE_ATTRIBUTE, reference)
 
 

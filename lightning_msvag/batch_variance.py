@@ -172,6 +172,8 @@ class BatchVarianceEstimator:
             self._names.setdefault(id(p), []).append(name)
         self._calls: List[LayerCall] = []
         self._roots: List[Any] = []
+        #: id(p) -> the copy of p.grad each estimate refers to, reused step after step
+        self._reference_buffers: Dict[int, Tensor] = {}
         self._armed = False
         self._backward_started = False
         # every module: the supported layers' calls, and the outputs the use check walks from
@@ -373,8 +375,14 @@ class BatchVarianceEstimator:
         return result
 
     def _attach(self, p: nn.Parameter, variance: Tensor) -> None:
-        """Hand σ̂² to the optimizer with a reference to the gradient it describes (:mod:`~lightning_msvag.batch_estimate`)."""
-        batch_estimate.attach(p, variance, p.grad, self._name(p))
+        """Hand σ̂² to the optimizer with a reference to the gradient it describes
+        (:mod:`~lightning_msvag.batch_estimate`), copied into a buffer kept from step to step."""
+        grad = p.grad
+        buffer = self._reference_buffers.get(id(p))
+        if grad is not None and (buffer is None or buffer.shape != grad.shape or buffer.dtype != grad.dtype
+                                 or buffer.device != grad.device):
+            buffer = self._reference_buffers[id(p)] = torch.empty_like(grad, memory_format=torch.contiguous_format)
+        batch_estimate.attach(p, variance, grad, self._name(p), buffer)
 
     def _all_reduce(self, sums: List[Tensor], squares: List[Tensor], batch: int) -> Tuple[int, int]:
         """Sum the moments and B over the ranks; returns (global B, world size)."""
