@@ -1,7 +1,7 @@
 """Cost of the mini-batch variance estimate: one training step with vs without it, side by side.
 
-For P1 (2c2d, batch 128), P2 (3c3d, batch 128) and P4 (char-LSTM, batch 50 × 50) at their real
-sizes, times forward + backward of the training loss (cross-entropy + L2) with
+For P1 (2c2d, batch 128), P2 (3c3d, batch 128), P4 (char-LSTM, batch 50 × 50) at their real
+sizes and the character transformer (models.CharTransformer, batch 50 × 50), times forward + backward of the training loss (cross-entropy + L2) with
 
 * ``plain``     — no estimate (the moving-average optimizers' cost);
 * ``hooks``     — :class:`lightning_msvag.batch_variance.BatchVarianceEstimator` (forward +
@@ -25,6 +25,12 @@ no reference copy of the gradient for the step's rescale check: their cost), and
 estimators with ``clip_grad_norm_`` after the backward pass (every step clips at ``--clip``)::
 
     python benchmarks/batch_variance_cost.py --whole-step [--rounds 5] [--threads N] [--problems p1,p4]
+
+``--layers`` times the estimate of one layer at a time on a reference shape (batch 64), the
+hand-written rule against the general one (``torch.func`` over the module's own forward) where
+both apply, each as a multiple of the layer's own forward + backward::
+
+    python benchmarks/batch_variance_cost.py --layers [--rounds 7]
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from torch.func import functional_call, grad, vmap  # noqa: E402
 
 from lightning_msvag import MSVAG, batch_estimate  # noqa: E402
 from lightning_msvag.batch_variance import BatchVarianceEstimator  # noqa: E402
-from models import CharLSTM, ThreeC3D, TwoC2D  # noqa: E402
+from models import CharLSTM, CharTransformer, ThreeC3D, TwoC2D  # noqa: E402
 
 
 def _problems(which: str = "p1,p2,p4"):
@@ -58,6 +64,8 @@ def _problems(which: str = "p1,p2,p4"):
         yield "P2 3c3d B=128", ThreeC3D(), torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
     if "p4" in wanted:
         yield "P4 char-LSTM 50x50", CharLSTM(), torch.randint(0, 83, (50, 50)), torch.randint(0, 83, (50, 50))
+    if "transformer" in wanted:
+        yield "char-transformer 50x50", CharTransformer(), torch.randint(0, 83, (50, 50)), torch.randint(0, 83, (50, 50))
 
 
 def _loss(model, x, y):
@@ -180,6 +188,86 @@ def whole_step(args) -> None:
         print(f"{name}: {cells}")
 
 
+def _general(layer: torch.nn.Module) -> torch.nn.Module:
+    """The same layer behind an overridden ``forward``: the estimator gives it the general rule."""
+    base = type(layer)
+    generic = type(f"General{base.__name__}", (base,), {"forward": lambda self, *a, **k: base.forward(self, *a, **k)})
+    layer.__class__ = generic
+    return layer
+
+
+def _layer_cases():
+    """(label, make_layer, input): one layer type on a reference shape, batch 64."""
+    torch.manual_seed(0)
+    seq = torch.randn(64, 50, 128)
+    img = torch.randn(64, 32, 16, 16)
+    nn = torch.nn
+    return [
+        ("Linear 512→512 on [64, 512]", lambda: nn.Linear(512, 512), torch.randn(64, 512)),
+        ("Linear 128→128 on [64, 50, 128]", lambda: nn.Linear(128, 128), seq),
+        ("Conv2d 32→64 3×3 on [64, 32, 16, 16]", lambda: nn.Conv2d(32, 64, 3, padding=1), img),
+        ("Embedding 83×128 on [64, 50]", lambda: nn.Embedding(83, 128), torch.randint(0, 83, (64, 50))),
+        ("LayerNorm(128) on [64, 50, 128]", lambda: nn.LayerNorm(128), seq),
+        ("RMSNorm(128) on [64, 50, 128]", lambda: nn.RMSNorm(128), seq),
+        ("LSTM layer 128→128 on [64, 50, 128]", lambda: _LSTMLayer(128, 128), seq),
+        ("MultiheadAttention(128, 4) on [64, 50, 128]", lambda: nn.MultiheadAttention(128, 4, batch_first=True), seq),
+        ("nn.LSTM 128→128 on [64, 50, 128]", lambda: nn.LSTM(128, 128, batch_first=True), seq),
+        ("nn.GRU 128→128 on [64, 50, 128]", lambda: nn.GRU(128, 128, batch_first=True), seq),
+        ("Conv1d 32→64 k5 on [64, 32, 100]", lambda: nn.Conv1d(32, 64, 5, padding=2), torch.randn(64, 32, 100)),
+        ("Conv2d grouped (4) 32→64 3×3", lambda: nn.Conv2d(32, 64, 3, padding=1, groups=4), img),
+        ("Conv3d 8→16 3×3×3 on [64, 8, 8, 8, 8]", lambda: nn.Conv3d(8, 16, 3, padding=1), torch.randn(64, 8, 8, 8, 8)),
+        ("BatchNorm2d(32), eval", lambda: nn.BatchNorm2d(32).eval(), img),
+    ]
+
+
+class _LSTMLayer(torch.nn.Module):
+    """The fused LSTM-layer protocol of lightning_msvag.per_example.LSTMLayerRule (P4's layer)."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        from models import TFLSTMLayer
+
+        self.layer = TFLSTMLayer(width, hidden)
+
+    def forward(self, x):
+        zeros = x.new_zeros(1, x.shape[0], self.layer.hidden_size)
+        return self.layer(x, (zeros, zeros))[0]
+
+
+def layers(args) -> None:
+    """One layer type at a time: the estimate's ``compute`` over the layer's own forward + backward."""
+    print(f"per layer type; torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} rounds")
+    for label, make, x in _layer_cases():
+        variants = {"hand-written": make()}
+        if not isinstance(variants["hand-written"], (torch.nn.MultiheadAttention, torch.nn.RNNBase, _LSTMLayer,
+                                                       torch.nn.Conv1d, torch.nn.Conv3d, torch.nn.BatchNorm2d)) \
+                and getattr(variants["hand-written"], "groups", 1) == 1:
+            variants["general"] = _general(make())
+        else:
+            variants = {"general" if not isinstance(variants["hand-written"], _LSTMLayer) else "hand-written": variants["hand-written"]}
+        cells = []
+        for kind, layer in variants.items():
+            est = BatchVarianceEstimator(layer)
+            plain, estimate = [], []
+            for r in range(args.rounds + 1):
+                layer.zero_grad(set_to_none=True)
+                t0 = time.perf_counter()
+                with est.record():
+                    out = layer(x, x, x, need_weights=False)[0] if isinstance(layer, torch.nn.MultiheadAttention) else layer(x)
+                    out = out[0] if isinstance(out, tuple) else out
+                    out.square().mean().backward()
+                t1 = time.perf_counter()
+                est.compute()
+                t2 = time.perf_counter()
+                if r:
+                    plain.append(t1 - t0)
+                    estimate.append(t2 - t1)
+            est.close()
+            base, cost = statistics.median(plain), statistics.median(estimate)
+            cells.append(f"{kind} {cost * 1e3:.1f} ms ({cost / base:.2f}× fwd+bwd {base * 1e3:.1f} ms)")
+        print(f"{label}: " + "; ".join(cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -187,12 +275,18 @@ def main() -> None:
     parser.add_argument("--whole-step", action="store_true", help="time whole M-SVAG training steps, both estimators")
     parser.add_argument("--clip", type=float, default=1e-3,
                         help="--whole-step: max norm of the clipped variants (small: every step clips)")
-    parser.add_argument("--problems", default="p1,p2,p4", help="comma-separated subset of p1,p2,p4")
+    parser.add_argument("--layers", action="store_true", help="the estimate of each layer type on a reference shape, "
+                        "hand-written rule against the general one")
+    parser.add_argument("--problems", default="p1,p2,p4,transformer",
+                        help="comma-separated subset of p1,p2,p4,transformer")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.whole_step:
         whole_step(args)
+        return
+    if args.layers:
+        layers(args)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} rounds (after 1 warm-up)")
     for name, model, x, y in _problems(args.problems):

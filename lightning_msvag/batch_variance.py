@@ -159,13 +159,16 @@ class BatchVarianceEstimator:
         self._batchnorms = [m for _, m in modules if isinstance(m, _BATCHNORM)]
         self._check_batchnorms()  # the reason that matters most comes first (a BatchNorm model is refused for it)
         self._rules: Dict[nn.Module, LayerRule] = {}
+        scoped: set = set()  # modules inside a general rule's scope (it covers its whole subtree)
         for _, module in modules:
-            if isinstance(module, _BATCHNORM) or not any(p.requires_grad for p in module.parameters(recurse=False)):
+            if module in scoped or not any(p.requires_grad for p in module.parameters(recurse=False)):
                 continue
             try:
-                self._rules[module] = per_example.rule_for_module(module, self._labels[module])
+                rule = self._rules[module] = per_example.rule_for_module(module, self._labels[module])
             except UnsupportedLayer as error:
                 raise BatchVarianceError(str(error)) from None
+            if rule is per_example.GENERAL_RULE:
+                scoped.update(m for m in module.modules() if m is not module)
         #: every name of each tracked parameter (a shared one has several)
         self._names: Dict[int, List[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
@@ -177,24 +180,20 @@ class BatchVarianceEstimator:
         self._armed = False
         self._backward_started = False
         # every module: the supported layers' calls, and the outputs the use check walks from
-        self._handles = [m.register_forward_hook(self._forward_hook) for _, m in modules]
+        self._handles = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for _, m in modules]
 
     # ----------------------------------------------------------------- setup
     def _check_batchnorms(self) -> None:
         for module in self._batchnorms:
             if module.training:
                 raise BatchVarianceError(_batchnorm_message(self._labels[module]))
-            if any(p.requires_grad for p in module.parameters(recurse=False)):
-                raise BatchVarianceError(
-                    f"{self._labels[module]} (eval mode) has no per-example gradient rule; freeze its parameters"
-                )
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The tracked (trainable) parameters, each once, in module order."""
         seen = set()
-        for module in self._rules:
-            for p in module.parameters(recurse=False):
-                if p.requires_grad and id(p) not in seen:
+        for module, rule in self._rules.items():
+            for _, p in rule.parameters(module):
+                if id(p) not in seen:
                     seen.add(id(p))
                     yield p
 
@@ -233,7 +232,7 @@ class BatchVarianceEstimator:
         finally:
             self.stop()
 
-    def _forward_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._armed or not torch.is_grad_enabled():
             return
         if self._backward_started:
@@ -243,9 +242,12 @@ class BatchVarianceEstimator:
             )
         rule = self._rules.get(module)
         if rule is not None:
-            call = rule.capture(module, args, output)
+            try:
+                call = rule.capture(module, args, kwargs, output)
+            except UnsupportedLayer as error:
+                raise BatchVarianceError(f"{self._labels[module]}: {error}") from None
             self._calls.append(call)
-            for i, out in enumerate(rule.outputs(output)):
+            for i, out in enumerate(call.outputs):
                 if out.requires_grad:
                     out.register_hook(self._grad_saver(call, i))
         self._roots.extend(t.grad_fn for t in _tensors(output) if t.grad_fn is not None)
@@ -272,7 +274,7 @@ class BatchVarianceEstimator:
         """
         owned: Dict[Any, set] = {}
         for call in calls:
-            own = {id(p) for p in call.module.parameters(recurse=False)}
+            own = {id(p) for _, p in call.rule.parameters(call.module)}
             stop = set(call.in_nodes)
             seen = set()
             stack = list(call.out_nodes)
@@ -325,13 +327,12 @@ class BatchVarianceEstimator:
                     f"layers saw different batch sizes ({batch} and {call.batch}, {self._labels[call.module]}): "
                     "dim 0 must be the example dimension"
                 )
-        scale = batch if self.loss_reduction == "mean" else 1  # row k's part of the batch gradient -> ∇ℓ_k
         uses: Dict[int, List[Tuple[LayerCall, str]]] = {}
         params: Dict[int, nn.Parameter] = {}
         for call in calls:
-            own = [(n, p) for n, p in call.module.named_parameters(recurse=False) if p.requires_grad]
+            own = call.rule.parameters(call.module)
             dtype = torch.float64 if own[0][1].dtype == torch.float64 else torch.float32
-            call.rule.prepare(call, dtype, scale)
+            call.rule.prepare(call, dtype)
             for name, p in own:
                 uses.setdefault(id(p), []).append((call, name))
                 params[id(p)] = p
@@ -350,17 +351,30 @@ class BatchVarianceEstimator:
                 call, name = found[0]
                 single.setdefault(call, []).append(name)
         for call, names in single.items():
-            own = dict(call.module.named_parameters(recurse=False))
-            for name, (s1, s2) in call.rule.moments(call, names).items():
+            own = dict(call.rule.parameters(call.module))
+            try:
+                moments = call.rule.moments(call, names)
+            except UnsupportedLayer as error:
+                raise BatchVarianceError(f"{self._labels[call.module]}: {error}") from None
+            for name, (s1, s2) in moments.items():
                 order.append(own[name])
                 sums.append(s1)
                 squares.append(s2)
         for pid, found in uses.items():
             if len(found) > 1:
-                s1, s2 = _shared_moments(params[pid], found, batch)
+                try:
+                    s1, s2 = _shared_moments(params[pid], found, batch)
+                except UnsupportedLayer as error:
+                    raise BatchVarianceError(f"parameter {self._name(params[pid])!r}: {error}") from None
                 order.append(params[pid])
                 sums.append(s1)
                 squares.append(s2)
+        # row k's part of the batch gradient is ∇ℓ_k / B (mean loss) or ∇ℓ_k (sum): the rules sum the
+        # former, so Σ∇ℓ_k and Σ∇ℓ_k² are this rank's sums times B and B² (one pass over the parameters)
+        if self.loss_reduction == "mean":
+            for s1, s2 in zip(sums, squares):
+                s1.mul_(batch)
+                s2.mul_(batch * batch)
         batch, world = self._all_reduce(sums, squares, batch)
         self.batch_size = batch
         # the variance of the gradient the optimizer receives: ḡ (mean), or the sum's (B/W)·ḡ

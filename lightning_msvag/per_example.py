@@ -3,9 +3,9 @@
 A rule turns one recorded call of a layer (its saved input ``a`` and the gradient ``e`` of the
 batch loss with respect to its output) into per-example statistics of the gradients of the
 layer's own parameters, without B backward passes. Example k is row k of dim 0 of the layer's
-input and output. Rows of ``e`` are first multiplied by ``scale`` (B for a loss that is a mean
-over the batch, 1 for a sum), so that row k's part of the batch gradient becomes example k's
-own gradient ∇ℓ_k.
+input and output. Row k's part of the batch gradient is example k's own gradient ∇ℓ_k up to
+one factor for all rows (B for a loss that is a mean over the batch, 1 for a sum), which the
+estimator applies to the sums: the rules work on the gradients as the backward pass left them.
 
 Two forms per rule:
 
@@ -40,6 +40,9 @@ combines the rules.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -62,21 +65,23 @@ class UnsupportedLayer(ValueError):
 class LayerCall:
     """One call of a supported layer in the recorded step: its inputs, its outputs' gradients.
 
-    ``grads[i]`` is the gradient of output ``i`` (absent: none reached it). ``prepare`` converts
-    them once to the compute dtype and multiplies the output gradients by ``scale``.
+    ``outputs[i]`` are the tensors whose gradients the rule needs; ``grads[i]`` is the gradient of
+    ``outputs[i]`` (absent: none reached it). ``prepare`` converts them once to the compute dtype.
     """
 
-    __slots__ = ("module", "rule", "inputs", "grads", "batch", "in_nodes", "out_nodes", "cache")
+    __slots__ = ("module", "rule", "inputs", "outputs", "grads", "batch", "in_nodes", "out_nodes", "cache")
 
-    def __init__(self, module: nn.Module, rule: "LayerRule", inputs: Any, outputs: Sequence[Tensor], in_tensors: Sequence[Tensor]) -> None:
+    def __init__(self, module: nn.Module, rule: "LayerRule", inputs: Any, outputs: Sequence[Tensor],
+                 in_tensors: Sequence[Tensor], batch: Optional[int] = None) -> None:
         self.module = module
         self.rule = rule
         self.inputs = inputs
+        self.outputs = list(outputs)
         self.grads: Dict[int, Tensor] = {}
-        self.batch = int(outputs[0].shape[0])
+        self.batch = int(outputs[0].shape[0]) if batch is None else int(batch)
         # the autograd nodes that bound this call (docs/algorithm.md §1.1: uses outside a layer)
         self.out_nodes = [t.grad_fn for t in outputs if t.grad_fn is not None]
-        self.in_nodes = [t.grad_fn for t in in_tensors if t.grad_fn is not None]
+        self.in_nodes = [t.grad_fn for t in in_tensors if isinstance(t, Tensor) and t.grad_fn is not None]
         self.cache: Dict[str, Any] = {}
 
     @property
@@ -106,28 +111,29 @@ class LayerRule:
     def refuse_variants(self, module: nn.Module, label: str) -> None:
         """Raise :class:`UnsupportedLayer` for a configuration of the layer the rule does not cover."""
 
-    def capture(self, module: nn.Module, args: tuple, output: Any) -> LayerCall:
+    def parameters(self, module: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+        """The trainable parameters the rule gives per-example gradients of (by default the
+        module's own), with their names relative to ``module``."""
+        return _own(module)
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> LayerCall:
         """The call record of one forward (inputs detached); its ``outputs`` get gradient hooks."""
         a = args[0]
         return LayerCall(module, self, a.detach(), [output], [a])
 
-    def outputs(self, output: Any) -> Tuple[Tensor, ...]:
-        """The tensors whose gradients the rule needs, in the order of ``LayerCall.grads``."""
-        return (output,)
-
-    def prepare(self, call: LayerCall, dtype: torch.dtype, scale: float) -> None:
-        """Convert the saved tensors to ``dtype`` and the output gradients to per-example ones."""
+    def prepare(self, call: LayerCall, dtype: torch.dtype) -> None:
+        """Convert the saved tensors and the output gradients to ``dtype`` (once)."""
         if "prepared" in call.cache:
             return
         if call.inputs.is_floating_point():
             call.inputs = call.inputs.to(dtype)
-        call.grads = {i: g.to(dtype) * scale for i, g in call.grads.items()}
+        call.grads = {i: g.to(dtype) for i, g in call.grads.items()}
         call.cache["prepared"], call.cache["dtype"] = True, dtype
 
     def moments(self, call: LayerCall, names: Sequence[str]) -> Dict[str, Tuple[Tensor, Tensor]]:
         """``{name: (Σ_k ∇ℓ_k, Σ_k ∇ℓ_k²)}`` of the parameters ``names`` (used by this call alone)."""
         if not call.reached:  # no gradient reached the layer: every per-example gradient is 0
-            params = dict(_own(call.module))
+            params = dict(self.parameters(call.module))
             return {n: (torch.zeros_like(params[n], dtype=call.cache["dtype"]),
                         torch.zeros_like(params[n], dtype=call.cache["dtype"])) for n in names}
         return self._moments(call, names)
@@ -135,7 +141,7 @@ class LayerRule:
     def per_example(self, call: LayerCall, name: str, rows: slice) -> Tensor:
         """The per-example gradients ``[len(rows), *shape]`` of parameter ``name`` for the examples ``rows``."""
         if not call.reached:
-            p = dict(_own(call.module))[name]
+            p = dict(self.parameters(call.module))[name]
             n = len(range(*rows.indices(call.batch)))
             return torch.zeros((n, *p.shape), dtype=call.cache["dtype"], device=p.device)
         return self._per_example(call, name, rows)
@@ -184,10 +190,17 @@ def _per_example_product_moments(left: Tensor, right_rows: Callable[[slice], Ten
     chunk = max(1, _CHUNK_ELEMENTS // (width * max(out, inner)))
     for start in range(0, batch, chunk):
         rows = slice(start, start + chunk)
-        g = torch.bmm(left[rows], right_rows(rows))  # [chunk, out, width]
-        s1 += g.sum(0)
-        s2 += g.square_().sum(0)
+        _accumulate_(s1, s2, torch.bmm(left[rows], right_rows(rows)))  # [chunk, out, width]
     return s1, s2
+
+
+def _accumulate_(s1: Tensor, s2: Tensor, per_example: Tensor) -> None:
+    """``s1 += Σ_k g_k``, ``s2 += Σ_k g_k²`` over dim 0 of ``per_example``: example by example, each
+    g_k read once while in cache by a fused add and multiply-add (3× faster on CPU than squaring
+    the chunk and reducing it; benchmarks/batch_variance_cost.py)."""
+    for g in per_example.unbind(0):
+        s1.add_(g)
+        s2.addcmul_(g, g)
 
 
 def _row_moments(per_example: Tensor) -> Tuple[Tensor, Tensor]:
@@ -233,9 +246,10 @@ class Conv2dRule(LayerRule):
 
     types = (nn.Conv2d,)
 
-    def refuse_variants(self, module, label):
-        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str) and module.padding != "valid":
-            raise UnsupportedLayer(f"{label}: only groups=1, zero-padded convolutions with integer padding are supported")
+    def accepts(self, module, label):
+        # other groupings and paddings take the general rule (FunctionalRule)
+        return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+                and (not isinstance(module.padding, str) or module.padding == "valid"))
 
     def _parts(self, call: LayerCall):
         if "im2col" not in call.cache:
@@ -309,26 +323,22 @@ class LSTMLayerRule(LayerRule):
     def accepts(self, module, label):
         return _is_lstm_layer(module)
 
-    def capture(self, module, args, output):
+    def capture(self, module, args, kwargs, output):
         x, state = args[0], args[1]
         inputs = (x.detach(), tuple(s.detach() for s in state), output[0].detach())
-        return LayerCall(module, self, inputs, self.outputs(output), [x, *state])
+        return LayerCall(module, self, inputs, (output[0], output[1][0], output[1][1]), [x, *state])
 
-    def outputs(self, output):
-        return (output[0], output[1][0], output[1][1])
-
-    def prepare(self, call, dtype, scale):
+    def prepare(self, call, dtype):
         if "prepared" in call.cache:
             return
         x, (h0, c0), out = call.inputs
         call.inputs = (x.to(dtype), (h0.to(dtype), c0.to(dtype)), out.to(dtype))
         call.grads = {i: g.to(dtype) for i, g in call.grads.items()}
-        call.cache["scale"] = scale
         call.cache["prepared"], call.cache["dtype"] = True, dtype
 
     def _gate_gradients(self, call: LayerCall) -> Tuple[Tensor, Tensor]:
         """``(dz [B, T, 4H], inputs [B, T, in + H])``: every row's gate pre-activation gradients
-        (times ``scale``) and the matching right factors [x_t, h_{t−1}] of both weights."""
+        and the matching right factors [x_t, h_{t−1}] of both weights."""
         if "dz" in call.cache:
             return call.cache["dz"], call.cache["right"]
         module = call.module
@@ -378,7 +388,6 @@ class LSTMLayerRule(LayerRule):
                 dh_next = dz[t].view(batch, 4 * hidden) @ w_hh
                 dc_next = dc * f_g[t]
         dz = dz.view(steps, batch, 4 * hidden).transpose(0, 1)  # [B, T, 4H]
-        dz *= call.cache["scale"]
         call.cache["dz"], call.cache["right"] = dz, inputs
         return dz, inputs
 
@@ -403,24 +412,234 @@ class LSTMLayerRule(LayerRule):
         return (g[:, :, :width] if name == "weight_ih" else g[:, :, width:]).contiguous()
 
 
-#: The rules, asked in order.
-RULES: Tuple[LayerRule, ...] = (LinearRule(), Conv2dRule(), EmbeddingRule(), LSTMLayerRule())
+class _NormRule(LayerRule):
+    """Elementwise-affine normalisation over the last dims (``LayerNorm``, ``RMSNorm``): with x̂ the
+    normalised input (recomputed from the saved input), ∇ℓ_k of the weight is Σ over row k's
+    positions of e ⊙ x̂, of the bias Σ e. No per-example matmul: elementwise work and a sum."""
 
-_OVERRIDABLE = (nn.Linear, nn.Conv2d, nn.Embedding)
+    def _normalised(self, module: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _rows(self, call: LayerCall, name: str, rows: slice) -> Tensor:
+        module = call.module
+        dims = len(module.normalized_shape)
+        e = call.grads[0][rows]
+        if name == "weight":
+            if "x_hat" not in call.cache:
+                call.cache["x_hat"] = self._normalised(module, call.inputs)
+            e = e * call.cache["x_hat"][rows]
+        return e.reshape(e.shape[0], -1, *e.shape[e.dim() - dims:]).sum(1)
+
+    def _moments(self, call, names):
+        return {n: _row_moments(self._rows(call, n, slice(None))) for n in names}
+
+    def _per_example(self, call, name, rows):
+        return self._rows(call, name, rows)
+
+
+class LayerNormRule(_NormRule):
+    """``nn.LayerNorm`` with elementwise affine parameters."""
+
+    types = (nn.LayerNorm,)
+
+    def _normalised(self, module, x):
+        return F.layer_norm(x, module.normalized_shape, eps=module.eps)  # the fused kernel, without the affine part
+
+
+class RMSNormRule(_NormRule):
+    """``nn.RMSNorm``: x̂ = x / √(mean(x²) + ε) over the normalised dims."""
+
+    types = (getattr(nn, "RMSNorm", ()),)
+
+    def _normalised(self, module, x):
+        return F.rms_norm(x, module.normalized_shape, eps=module.eps)
+
+
+def _argument_names(module: nn.Module, paths) -> List[str]:
+    """The forward argument each leaf of ``(args, kwargs)`` belongs to (by the flatten ``paths``)."""
+    try:
+        names = [n for n, p in inspect.signature(module.forward).parameters.items()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        names = []
+    found = []
+    for path in paths:
+        where, key = path[0].idx, path[1]
+        if where == 1:  # a keyword argument
+            found.append(str(key.key))
+        else:
+            found.append(names[key.idx] if key.idx < len(names) else f"#{key.idx}")
+    return found
+
+
+def _example_dims(module: nn.Module, leaves: List[Any], names: List[str], out_leaves: List[Any]):
+    """``(dim of each input leaf or None, dim of each output leaf, B)``: where each tensor holds the
+    examples. Known layouts: RNN modules (``batch_first``; the states ``[layers, B, H]`` at dim 1)
+    and ``nn.MultiheadAttention`` (``batch_first``; ``key_padding_mask [B, S]``; a 2-d ``attn_mask``
+    shared by all examples); otherwise dim 0 of every tensor whose dim 0 has the batch's size
+    (the others, e.g. a mask, are shared by every example)."""
+    tensors = [t for t in leaves if isinstance(t, Tensor)]
+    if not tensors or tensors[0].dim() == 0:
+        raise UnsupportedLayer("no batched tensor input to take per-example gradients through")
+    if isinstance(module, nn.RNNBase):
+        if tensors[0].dim() != 3:
+            raise UnsupportedLayer("an unbatched or packed input has no examples to separate")
+        dim = 0 if module.batch_first else 1
+        in_dims = [None if not isinstance(t, Tensor) else dim if n == "input" else 1 for t, n in zip(leaves, names)]
+        return in_dims, [dim] + [1] * (len(out_leaves) - 1), tensors[0].shape[dim]
+    if isinstance(module, nn.MultiheadAttention):
+        dim = 0 if module.batch_first else 1
+        in_dims = []
+        for t, n in zip(leaves, names):
+            if not isinstance(t, Tensor):
+                in_dims.append(None)
+            elif n in ("query", "key", "value"):
+                in_dims.append(dim)
+            elif n == "key_padding_mask":
+                in_dims.append(0)
+            elif n == "attn_mask" and t.dim() == 3:
+                raise UnsupportedLayer("a 3-d attn_mask mixes examples and heads in dim 0; pass a 2-d mask")
+            else:
+                in_dims.append(None)
+        return in_dims, [dim] + [0] * (len(out_leaves) - 1), tensors[0].shape[dim]
+    batch = tensors[0].shape[0]
+    in_dims = [0 if isinstance(t, Tensor) and t.dim() and t.shape[0] == batch else None for t in leaves]
+    return in_dims, [0] * len(out_leaves), batch
+
+
+class FunctionalRule(LayerRule):
+    """Any module whose forward treats the examples of a batch independently, by ``torch.func``.
+
+    The per-example gradients of all the module's trainable parameters (its descendants'
+    included) come from ``vmap`` over the examples of ``vjp`` of ``functional_call(module,
+    params, one example's inputs)``, pulled back with that example's saved output gradients, a
+    chunk of examples at a time. The module's forward runs again (under the same autocast), so
+    it must be a function of its inputs and parameters: random numbers inside it (dropout in
+    the layer) are refused, as is anything ``vmap`` cannot run. Examples are found as
+    :func:`_example_dims` says.
+    """
+
+    def accepts(self, module, label):
+        return True
+
+    def parameters(self, module):
+        return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+    def capture(self, module, args, kwargs, output):
+        from torch.utils._pytree import tree_flatten, tree_flatten_with_path
+
+        if isinstance(module, nn.RNNBase) and len(args) == 1 and kwargs.get("hx") is None and args[0].dim() == 3:
+            # the zero state the module makes itself, made here with the batch's size: a state made
+            # inside the forward would not follow vmap's examples
+            x = args[0]
+            batch, layers = x.shape[0 if module.batch_first else 1], module.num_layers * (2 if module.bidirectional else 1)
+            h = x.new_zeros(layers, batch, module.proj_size or module.hidden_size)
+            args = (x, (h, x.new_zeros(layers, batch, module.hidden_size)) if isinstance(module, nn.LSTM) else h)
+            kwargs = {k: v for k, v in kwargs.items() if k != "hx"}
+        flat, spec = tree_flatten_with_path((args, kwargs))
+        leaves = [leaf for _, leaf in flat]
+        out_leaves, _ = tree_flatten(output)
+        in_dims, out_dims, batch = _example_dims(module, leaves, _argument_names(module, [p for p, _ in flat]), out_leaves)
+        picked = [i for i, t in enumerate(out_leaves) if isinstance(t, Tensor) and t.requires_grad]
+        device = next((t.device.type for t in leaves if isinstance(t, Tensor)), "cpu")
+        autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        saved = [t.detach() if isinstance(t, Tensor) else t for t in leaves]
+        call = LayerCall(module, self, saved, [out_leaves[i] for i in picked],
+                         [t for t in leaves if isinstance(t, Tensor)], batch=batch)
+        call.cache.update(spec=spec, in_dims=in_dims, out_dims=[out_dims[i] for i in picked], picked=picked,
+                          autocast=autocast)
+        return call
+
+    def prepare(self, call, dtype):
+        if "prepared" in call.cache:
+            return  # the output gradients stay in the outputs' own dtypes (the cotangents of vjp)
+        call.cache["prepared"], call.cache["dtype"] = True, dtype
+
+    def _chunk(self, call: LayerCall, rows: slice) -> Dict[str, Tensor]:
+        """``{name: [n, *shape]}``: the per-example gradients of every parameter for ``rows``."""
+        if call.cache.get("rows") == (rows.start, rows.stop):
+            return call.cache["chunk"]
+        from torch.func import functional_call, vjp, vmap
+        from torch.utils._pytree import tree_flatten, tree_unflatten
+
+        module, cache = call.module, call.cache
+        params = {n: p.detach() for n, p in self.parameters(module)}
+        in_dims, out_dims, picked = cache["in_dims"], cache["out_dims"], cache["picked"]
+        batched = [t.narrow(d, rows.start, rows.stop - rows.start) if d is not None else t
+                   for t, d in zip(call.inputs, in_dims)]
+        cotangents = [call.grads[i].narrow(d, rows.start, rows.stop - rows.start) if i in call.grads
+                      else torch.zeros_like(call.outputs[i]).narrow(d, rows.start, rows.stop - rows.start)
+                      for i, d in enumerate(out_dims)]
+
+        def one(leaves, grads):
+            # one example, its example dim put back with size 1: the module sees a batch of one
+            whole = [t.unsqueeze(d) if d is not None else t for t, d in zip(leaves, in_dims)]
+            args, kwargs = tree_unflatten(whole, cache["spec"])
+
+            def forward(p):
+                out_leaves, _ = tree_flatten(functional_call(module, p, tuple(args), kwargs, strict=False))
+                return tuple(out_leaves[i] for i in picked)
+
+            outs, pull = vjp(forward, params)
+            return pull(tuple(g.unsqueeze(d).to(o.dtype) for g, d, o in zip(grads, out_dims, outs)))[0]
+
+        context = torch.autocast(*cache["autocast"]) if cache["autocast"] else contextlib.nullcontext()
+        try:
+            with context, warnings.catch_warnings():
+                # RNN kernels have no vmap batching rule: vmap loops over the chunk's examples (exact,
+                # slower; docs/algorithm.md §1.1 gives the cost), which it would announce each time
+                warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+                grads = vmap(one, in_dims=(list(in_dims), list(out_dims)), randomness="error")(batched, cotangents)
+        except RuntimeError as error:
+            if "random" in str(error):
+                raise UnsupportedLayer(
+                    "its forward draws random numbers (dropout inside the layer), which the per-example rule cannot "
+                    "draw again: move the dropout out of the layer, or set it to 0"
+                ) from None
+            raise UnsupportedLayer("the general per-example rule cannot run its forward under torch.func.vmap "
+                                   f"({str(error).splitlines()[0][:160]})") from None
+        chunk = {n: g.to(cache["dtype"]) for n, g in grads.items()}
+        cache["rows"], cache["chunk"] = (rows.start, rows.stop), chunk
+        return chunk
+
+    def _rows_per_chunk(self, call: LayerCall) -> int:
+        numel = sum(p.numel() for _, p in self.parameters(call.module))
+        return max(1, min(call.batch, _FUNCTIONAL_CHUNK_ELEMENTS // max(1, numel)))
+
+    def _moments(self, call, names):
+        sums: Dict[str, List[Tensor]] = {}
+        step = self._rows_per_chunk(call)
+        for start in range(0, call.batch, step):
+            chunk = self._chunk(call, slice(start, min(start + step, call.batch)))
+            for n in names:
+                g = chunk[n]
+                if n in sums:
+                    sums[n][0] += g.sum(0)
+                    sums[n][1] += g.square().sum(0)
+                else:
+                    sums[n] = [g.sum(0), g.square().sum(0)]
+        return {n: (s1, s2) for n, (s1, s2) in sums.items()}
+
+    def _per_example(self, call, name, rows):
+        return self._chunk(call, slice(rows.start or 0, min(rows.stop, call.batch)))[name]
+
+
+#: Per-example gradients formed at once by the general rule (float32: 64 MB): vmap runs
+#: faster on larger chunks, and a layer's whole parameter set is in each.
+_FUNCTIONAL_CHUNK_ELEMENTS = 1 << 24
+
+#: The hand-written rules, asked in order (each for its exact layer type; a subclass with its own
+#: ``forward`` takes the general rule); :class:`FunctionalRule` serves every other layer.
+RULES: Tuple[LayerRule, ...] = (LinearRule(), Conv2dRule(), EmbeddingRule(), LSTMLayerRule(), LayerNormRule(), RMSNormRule())
+GENERAL_RULE = FunctionalRule()
 
 
 def rule_for_module(module: nn.Module, label: str) -> LayerRule:
-    """The rule for a module with trainable parameters of its own; :class:`UnsupportedLayer` if none."""
-    if isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
-        raise UnsupportedLayer(
-            f"{label}: fused multi-step RNN modules are not supported; use one layer module per layer "
-            "(weight_ih, weight_hh, bias; see lightning_msvag.per_example.LSTMLayerRule)"
-        )
-    for base in _OVERRIDABLE:
-        if isinstance(module, base) and type(module).forward is not base.forward:
-            # The hooks see the forward's input, which a custom forward may transform (e.g. pad) first.
-            raise UnsupportedLayer(f"{label} overrides {base.__name__}.forward: no per-example gradient rule")
+    """The rule for a module with trainable parameters of its own: a hand-written one for its exact
+    type, else the general one; :class:`UnsupportedLayer` for what neither can do exactly."""
     for rule in RULES:
-        if rule.accepts(module, label):
+        own_forward = not rule.types or type(module).forward is next(
+            (base.forward for base in rule.types if isinstance(module, base)), None)
+        if own_forward and rule.accepts(module, label):
             return rule
-    raise UnsupportedLayer(f"{label} has trainable parameters but no per-example gradient rule")
+    return GENERAL_RULE

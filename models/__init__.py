@@ -9,6 +9,9 @@ DeepOBS problem        class               parameters    default wd
 ``tolstoi_char_rnn``   :class:`CharLSTM`         284,499  0
 =====================  ==================  ============  ===================
 
+Beyond the paper: :class:`CharTransformer`, a small decoder-only transformer with a tied
+embedding/output layer on the same War and Peace batches (``configs/tolstoi_transformer.yaml``).
+
 None of them defines ``configure_optimizers``: the optimizer under study is
 supplied by LightningCLI (``--optimizer``/``--lr_scheduler``) or by the user.
 """
@@ -16,6 +19,7 @@ supplied by LightningCLI (``--optimizer``/``--lr_scheduler``) or by the user.
 from .base import EVAL_SPLITS, ClassificationProblem
 from .char_rnn import CharLSTM, TFLSTMLayer
 from .cnn import ThreeC3D, TwoC2D
+from .transformer import CharTransformer, TransformerBlock
 from .tf_compat import TFSameConv2d, TFSameMaxPool2d, TFSamePad, tf_same_padding
 from .wrn import PreActResidualUnit, WideResNet404
 
@@ -28,6 +32,8 @@ __all__ = [
     "PreActResidualUnit",
     "CharLSTM",
     "TFLSTMLayer",
+    "CharTransformer",
+    "TransformerBlock",
     "TFSamePad",
     "TFSameConv2d",
     "TFSameMaxPool2d",

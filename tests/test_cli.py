@@ -228,7 +228,8 @@ def test_first_run_trains_on_packaged_text_quietly(tmp_path):
     assert list((tmp_path / "logs").rglob("last.ckpt"))
 
 
-@pytest.mark.parametrize("config", ["fmnist_2c2d.yaml", "cifar10_3c3d.yaml", "cifar100_wrn404.yaml", "tolstoi_char_rnn.yaml"])
+@pytest.mark.parametrize("config", ["fmnist_2c2d.yaml", "cifar10_3c3d.yaml", "cifar100_wrn404.yaml", "tolstoi_char_rnn.yaml",
+                                    "tolstoi_transformer.yaml"])
 def test_configs_take_lightnings_checkpointing_and_logger_flags(tmp_path, config):
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
@@ -504,3 +505,16 @@ def test_minibatch_method_on_a_batchnorm_model_names_batchnorm_before_anything_i
     (line,) = _error_lines(err)
     assert "BatchNorm2d" in line and "in training mode" in line and "m-svag" in line and "TFSameConv2d" not in line
     assert not (tmp_path / "lightning_logs").exists() and not any(tmp_path.rglob("version_*"))
+
+
+def test_the_transformer_config_trains_with_the_minibatch_estimate(tmp_path, tolstoi_dir):
+    """configs/tolstoi_transformer.yaml with --optimizer m-svag-mb: the command adds the estimate,
+    trains, and the γ monitor logs the factors."""
+    args = ["fit", "--config", str(CONFIGS / "tolstoi_transformer.yaml"), "--optimizer", "m-svag-mb",
+            "--data.data_dir", str(tolstoi_dir), "--trainer.max_steps", "8", "--trainer.limit_val_batches", "1",
+            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")]
+    assert main(args) == 0
+    tags = _scalar_tags(tmp_path / "logs" / "tolstoi_transformer")
+    assert "gamma/all/mean" in tags and all(0.0 < v <= 1.0 for v in tags["gamma/all/mean"])
+    assert len(tags["train/loss"]) == 8

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from models import (
     CharLSTM,
+    CharTransformer,
     ClassificationProblem,
     PreActResidualUnit,
     TFLSTMLayer,
@@ -614,3 +615,30 @@ def test_mid_epoch_resume_continues_train_stream(tmp_path):  # (d) end to end
     # ... on the text that follows (batch 2 of the uninterrupted run), not batch 0 again
     assert torch.equal(recorder.inputs[2], straight_recorder.inputs[2])
     assert not torch.equal(recorder.inputs[2], straight_recorder.inputs[0])
+
+
+# --------------------------------------------------------------------------- CharTransformer
+def test_char_transformer_shapes_tied_head_and_count():
+    """Defaults: width 128, 2 blocks, 4 heads, context 50: 413,824 parameters, the output layer's
+    weight is the embedding (one parameter), logits [B, T, 83], a sequence beyond the context refused."""
+    model = CharTransformer()
+    width, blocks, vocab, context = 128, 2, 83, 50
+    per_block = 2 * 2 * width + (width * 3 * width + 3 * width) + (width * width + width) \
+        + (width * 4 * width + 4 * width) + (4 * width * width + width)
+    assert sum(p.numel() for p in model.parameters()) == vocab * width + context * width + blocks * per_block + 2 * width == 413_824
+    assert model.head.weight is model.embedding.weight
+    assert model.eval()(torch.randint(0, vocab, (3, 7))).shape == (3, 7, vocab)
+    with pytest.raises(ValueError, match="longer than the context 50"):
+        model(torch.randint(0, vocab, (2, 51)))
+
+
+def test_char_transformer_is_causal():
+    """A later character never changes an earlier position's logits (the attention is causal)."""
+    torch.manual_seed(0)
+    model = CharTransformer(width=16, depth=2, heads=2, context=10).eval()
+    x = torch.randint(0, 83, (2, 10))
+    changed = x.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % 83
+    a, b = model(x), model(changed)
+    torch.testing.assert_close(a[:, :6], b[:, :6])
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
