@@ -168,24 +168,38 @@ def _training_steps(model, clip: float):
 
 
 def whole_step(args) -> None:
+    """Each variant against the anchor (M-SVAG, moving average) pair by pair: in every round the
+    anchor and the variant run back to back, in alternating order, and the ratio is taken within
+    the pair. (On this shared CPU a step's time moves by up to 2× over minutes, and a step run
+    right after another mini-batch step pays for the caches the other one emptied: ratios of
+    separate medians, or of variants in a fixed order, mislead.)"""
     print(f"whole training step; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {args.rounds} interleaved rounds (after 2 warm-ups)")
+          f"median over {args.rounds} rounds of the ratio within an (anchor, variant) pair, order alternating")
     for name, model, x, y in _problems(args.problems):
         model.train()
         methods = _training_steps(model, args.clip)
-        for step in methods.values():
+        anchor_label = "M-SVAG moving average"
+        anchor = methods.pop(anchor_label)
+        for step in [anchor, *methods.values()]:
             step(x, y)
             step(x, y)  # the fused kernel's first load, the estimator's first hooks
-        times = {label: [] for label in methods}
-        for _ in range(args.rounds):
+        ratios = {label: [] for label in methods}
+        times = {label: [] for label in [anchor_label, *methods]}
+        for r in range(args.rounds):
             for label, step in methods.items():
-                t0 = time.perf_counter()
-                step(x, y)
-                times[label].append(time.perf_counter() - t0)
-        medians = {label: statistics.median(t) for label, t in times.items()}
-        base = medians["M-SVAG moving average"]
-        cells = ", ".join(f"{label} {t * 1e3:.0f} ms ({t / base:.2f}x)" for label, t in medians.items())
-        print(f"{name}: {cells}")
+                pair = ((anchor_label, anchor), (label, step)) if r % 2 == 0 else ((label, step), (anchor_label, anchor))
+                took = {}
+                for which, run in pair:
+                    t0 = time.perf_counter()
+                    run(x, y)
+                    took[which] = time.perf_counter() - t0
+                ratios[label].append(took[label] / took[anchor_label])
+                times[label].append(took[label])
+                times[anchor_label].append(took[anchor_label])
+        cells = [f"{anchor_label} {statistics.median(times[anchor_label]) * 1e3:.0f} ms"]
+        cells += [f"{label} {statistics.median(times[label]) * 1e3:.0f} ms ({statistics.median(ratios[label]):.2f}x)"
+                  for label in methods]
+        print(f"{name}: " + ", ".join(cells))
 
 
 def _general(layer: torch.nn.Module) -> torch.nn.Module:

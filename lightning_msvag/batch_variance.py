@@ -175,6 +175,8 @@ class BatchVarianceEstimator:
             self._names.setdefault(id(p), []).append(name)
         self._calls: List[LayerCall] = []
         self._roots: List[Any] = []
+        #: autograd node -> ids of the parameters whose recorded calls made it (this step)
+        self._owned: Dict[Any, set] = {}
         #: id(p) -> the copy of p.grad each estimate refers to, reused step after step
         self._reference_buffers: Dict[int, Tensor] = {}
         self._armed = False
@@ -214,7 +216,7 @@ class BatchVarianceEstimator:
         self._check_batchnorms()
         for p in self.parameters():
             batch_estimate.clear(p)
-        self._calls, self._roots = [], []
+        self._calls, self._roots, self._owned = [], [], {}
         self._backward_started = False
         self.batch_size = None
         self._armed = True
@@ -250,7 +252,38 @@ class BatchVarianceEstimator:
             for i, out in enumerate(call.outputs):
                 if out.requires_grad:
                     out.register_hook(self._grad_saver(call, i))
+            self._watch_uses(call)
         self._roots.extend(t.grad_fn for t in _tensors(output) if t.grad_fn is not None)
+
+    def _watch_uses(self, call: LayerCall) -> None:
+        """The call's own autograd nodes (between its outputs and its inputs) and, on each edge from
+        one of them into one of its parameters, a hook that keeps the gradient autograd sends there:
+        the sum over the rows of the call's part of the batch gradient, Σ_k of what the rules square
+        (so it is never computed twice). The nodes also mark this parameter's known uses for
+        :meth:`_check_uses`."""
+        own = {id(p): name for name, p in call.rule.parameters(call.module)}
+        stop = set(call.in_nodes)
+        seen = set()
+        stack = list(call.out_nodes)
+        data = call.cache.setdefault("data", {})
+        while stack:
+            node = stack.pop()
+            if node is None or node in stop or node in seen:
+                continue
+            seen.add(node)
+            self._owned.setdefault(node, set()).update(own)
+            edges = []
+            for index, (child, _) in enumerate(node.next_functions):
+                if child is None:
+                    continue
+                if type(child).__name__ == "AccumulateGrad":
+                    name = own.get(id(child.variable))
+                    if name is not None:
+                        edges.append((index, name))
+                else:
+                    stack.append(child)
+            if edges:
+                node.register_hook(_data_gradient_keeper(data, edges))
 
     def _grad_saver(self, call: LayerCall, index: int):
         def hook(grad: Tensor) -> None:
@@ -264,27 +297,15 @@ class BatchVarianceEstimator:
         return hook
 
     # ------------------------------------------------------------ uses check
-    def _check_uses(self, calls: List[LayerCall]) -> None:
+    def _check_uses(self) -> None:
         """Refuse a use of a tracked parameter that no recorded call accounts for.
 
-        Each recorded call owns the autograd nodes between its outputs and its inputs; after the
-        backward pass the graph below every module output is walked once, and an edge into a
-        tracked parameter from a node no call of a module owning it produced is a use the rules
-        cannot see (docs/algorithm.md §1.1).
+        Each recorded call owns the autograd nodes between its outputs and its inputs (marked when
+        it ran, :meth:`_watch_uses`); after the backward pass the graph below every module output
+        is walked once, and an edge into a tracked parameter from a node no call of a module owning
+        it produced is a use the rules cannot see (docs/algorithm.md §1.1).
         """
-        owned: Dict[Any, set] = {}
-        for call in calls:
-            own = {id(p) for _, p in call.rule.parameters(call.module)}
-            stop = set(call.in_nodes)
-            seen = set()
-            stack = list(call.out_nodes)
-            while stack:
-                node = stack.pop()
-                if node is None or node in stop or node in seen:
-                    continue
-                seen.add(node)
-                owned.setdefault(node, set()).update(own)
-                stack.extend(child for child, _ in node.next_functions)
+        owned = self._owned
         tracked = {id(p) for p in self.parameters()}
         seen = set()
         stack = list(self._roots)
@@ -318,8 +339,8 @@ class BatchVarianceEstimator:
                 "compute() found no recorded gradients: call it after loss.backward(), inside or after "
                 "est.record() (a forward and a backward pass per estimate)"
             )
-        self._check_uses(calls)
-        self._roots = []
+        self._check_uses()
+        self._roots, self._owned = [], {}
         batch = calls[0].batch
         for call in calls:
             if call.batch != batch:
@@ -350,25 +371,31 @@ class BatchVarianceEstimator:
             if len(found) == 1:
                 call, name = found[0]
                 single.setdefault(call, []).append(name)
+        computed: Dict[int, Tensor] = {}
         for call, names in single.items():
             own = dict(call.rule.parameters(call.module))
             try:
-                moments = call.rule.moments(call, names)
+                for name, s2 in call.rule.squares(call, names).items():
+                    computed[id(own[name])] = s2
             except UnsupportedLayer as error:
                 raise BatchVarianceError(f"{self._labels[call.module]}: {error}") from None
-            for name, (s1, s2) in moments.items():
-                order.append(own[name])
-                sums.append(s1)
-                squares.append(s2)
         for pid, found in uses.items():
             if len(found) > 1:
                 try:
-                    s1, s2 = _shared_moments(params[pid], found, batch)
+                    computed[pid] = _shared_squares(params[pid], found, batch)
                 except UnsupportedLayer as error:
                     raise BatchVarianceError(f"parameter {self._name(params[pid])!r}: {error}") from None
-                order.append(params[pid])
-                sums.append(s1)
-                squares.append(s2)
+        for pid, found in uses.items():
+            # Σ_k of the rows' parts: what autograd sent into the parameter through its recorded uses
+            s2 = computed[pid]
+            s1 = torch.zeros_like(s2)
+            for call, name in found:
+                part = call.cache["data"].get(name)
+                if part is not None:
+                    s1.add_(part.to(s1.dtype))
+            order.append(params[pid])
+            sums.append(s1)
+            squares.append(s2)
         # row k's part of the batch gradient is ∇ℓ_k / B (mean loss) or ∇ℓ_k (sum): the rules sum the
         # former, so Σ∇ℓ_k and Σ∇ℓ_k² are this rank's sums times B and B² (one pass over the parameters)
         if self.loss_reduction == "mean":
@@ -415,11 +442,10 @@ class BatchVarianceEstimator:
         return int(round(flat[-1].item())), dist.get_world_size()
 
 
-def _shared_moments(p: nn.Parameter, found: List[Tuple[LayerCall, str]], batch: int) -> Tuple[Tensor, Tensor]:
-    """``(Σ_k ∇ℓ_k, Σ_k ∇ℓ_k²)`` of a parameter used by several calls: their per-example gradients
-    summed before squaring, a chunk of examples at a time (about ``_CHUNK_ELEMENTS`` elements)."""
+def _shared_squares(p: nn.Parameter, found: List[Tuple[LayerCall, str]], batch: int) -> Tensor:
+    """``Σ_k ∇ℓ_k²`` of a parameter used by several calls: their per-example gradients summed before
+    squaring, a chunk of examples at a time (about ``_CHUNK_ELEMENTS`` elements)."""
     dtype = found[0][0].cache["dtype"]
-    s1 = torch.zeros(p.shape, dtype=dtype, device=p.device)
     s2 = torch.zeros(p.shape, dtype=dtype, device=p.device)
     chunk = max(1, per_example._CHUNK_ELEMENTS // max(1, p.numel()))
     for start in range(0, batch, chunk):
@@ -428,6 +454,19 @@ def _shared_moments(p: nn.Parameter, found: List[Tuple[LayerCall, str]], batch: 
         for call, name in found:
             part = call.rule.per_example(call, name, rows)
             g = part if g is None else g.add_(part)
-        s1 += g.sum(0)
-        s2 += g.square_().sum(0)
-    return s1, s2
+        per_example._accumulate_(s2, g)
+    return s2
+
+
+def _data_gradient_keeper(data: Dict[str, Tensor], edges: List[Tuple[int, str]]):
+    """A node hook keeping the gradients the node sends into parameters (``edges``: (input index,
+    parameter name)) in ``data``, summed over the node's uses of a parameter."""
+
+    def hook(grad_inputs, grad_outputs):
+        for index, name in edges:
+            grad = grad_inputs[index]
+            if grad is not None:
+                grad = grad.detach()
+                data[name] = grad if name not in data else data[name] + grad
+
+    return hook

@@ -9,9 +9,10 @@ estimator applies to the sums: the rules work on the gradients as the backward p
 
 Two forms per rule:
 
-* :meth:`LayerRule.moments`: ``(Σ_k ∇ℓ_k, Σ_k ∇ℓ_k²)`` of each parameter, for a parameter that
-  this call alone uses (the fast path: ``nn.Linear`` on ``[B, in]`` needs no per-example tensor
-  at all, Σ_k (e_k a_kᵀ)² = (e²)ᵀ(a²));
+* :meth:`LayerRule.squares`: ``Σ_k ∇ℓ_k²`` of each parameter, for a parameter that this call
+  alone uses (the fast path: ``nn.Linear`` on ``[B, in]`` needs no per-example tensor at all,
+  Σ_k (e_k a_kᵀ)² = (e²)ᵀ(a²)). (``Σ_k ∇ℓ_k`` is the gradient autograd already sent through the
+  call to the parameter, which the estimator takes from the backward pass itself.);
 * :meth:`LayerRule.per_example`: the per-example gradients ``[n, *shape]`` of a chunk of rows,
   for a parameter used by several calls (a weight shared by two layers, a tied embedding and
   output layer, a layer called twice): the estimator sums the calls' per-example gradients
@@ -31,7 +32,7 @@ The rules:
   batched matmuls.
 
 Per-example matrices are squared and summed chunk by chunk while they are still in cache
-(:func:`_per_example_product_moments`): no tensor of B × a layer's parameters is formed (the
+(:func:`_per_example_product_squares`): no tensor of B × a layer's parameters is formed (the
 embedding's ``[B, V, D]`` excepted).
 
 This module needs only torch; :mod:`lightning_msvag.batch_variance` records the calls and
@@ -130,13 +131,12 @@ class LayerRule:
         call.grads = {i: g.to(dtype) for i, g in call.grads.items()}
         call.cache["prepared"], call.cache["dtype"] = True, dtype
 
-    def moments(self, call: LayerCall, names: Sequence[str]) -> Dict[str, Tuple[Tensor, Tensor]]:
-        """``{name: (Σ_k ∇ℓ_k, Σ_k ∇ℓ_k²)}`` of the parameters ``names`` (used by this call alone)."""
+    def squares(self, call: LayerCall, names: Sequence[str]) -> Dict[str, Tensor]:
+        """``{name: Σ_k ∇ℓ_k²}`` of the parameters ``names`` (used by this call alone)."""
         if not call.reached:  # no gradient reached the layer: every per-example gradient is 0
             params = dict(self.parameters(call.module))
-            return {n: (torch.zeros_like(params[n], dtype=call.cache["dtype"]),
-                        torch.zeros_like(params[n], dtype=call.cache["dtype"])) for n in names}
-        return self._moments(call, names)
+            return {n: torch.zeros_like(params[n], dtype=call.cache["dtype"]) for n in names}
+        return self._squares(call, names)
 
     def per_example(self, call: LayerCall, name: str, rows: slice) -> Tensor:
         """The per-example gradients ``[len(rows), *shape]`` of parameter ``name`` for the examples ``rows``."""
@@ -146,7 +146,7 @@ class LayerRule:
             return torch.zeros((n, *p.shape), dtype=call.cache["dtype"], device=p.device)
         return self._per_example(call, name, rows)
 
-    def _moments(self, call: LayerCall, names: Sequence[str]) -> Dict[str, Tuple[Tensor, Tensor]]:
+    def _squares(self, call: LayerCall, names: Sequence[str]) -> Dict[str, Tensor]:
         raise NotImplementedError
 
     def _per_example(self, call: LayerCall, name: str, rows: slice) -> Tensor:
@@ -178,34 +178,31 @@ class _Im2Col:
         return view.reshape(n, channels * kh * kw, oh * ow).transpose(1, 2)
 
 
-def _per_example_product_moments(left: Tensor, right_rows: Callable[[slice], Tensor], width: int) -> Tuple[Tensor, Tensor]:
-    """``(Σ_k G_k, Σ_k G_k²)`` for the per-example products ``G_k = left[k] @ right_rows(k)``.
+def _per_example_product_squares(left: Tensor, right_rows: Callable[[slice], Tensor], width: int) -> Tensor:
+    """``Σ_k G_k²`` for the per-example products ``G_k = left[k] @ right_rows(k)``.
 
     ``left`` is ``[B, out, L]``; ``right_rows(rows)`` gives ``[len(rows), L, width]``. Examples
     are taken in chunks of about ``_CHUNK_ELEMENTS`` elements of G and of the right factor.
     """
     batch, out, inner = left.shape
-    s1 = left.new_zeros(out, width)
     s2 = left.new_zeros(out, width)
     chunk = max(1, _CHUNK_ELEMENTS // (width * max(out, inner)))
     for start in range(0, batch, chunk):
         rows = slice(start, start + chunk)
-        _accumulate_(s1, s2, torch.bmm(left[rows], right_rows(rows)))  # [chunk, out, width]
-    return s1, s2
+        _accumulate_(s2, torch.bmm(left[rows], right_rows(rows)))  # [chunk, out, width]
+    return s2
 
 
-def _accumulate_(s1: Tensor, s2: Tensor, per_example: Tensor) -> None:
-    """``s1 += Σ_k g_k``, ``s2 += Σ_k g_k²`` over dim 0 of ``per_example``: example by example, each
-    g_k read once while in cache by a fused add and multiply-add (3× faster on CPU than squaring
-    the chunk and reducing it; benchmarks/batch_variance_cost.py)."""
+def _accumulate_(s2: Tensor, per_example: Tensor) -> None:
+    """``s2 += Σ_k g_k²`` over dim 0 of ``per_example``: example by example, each g_k read once while
+    in cache by a fused multiply-add (3× faster on CPU than squaring the chunk and reducing it)."""
     for g in per_example.unbind(0):
-        s1.add_(g)
         s2.addcmul_(g, g)
 
 
-def _row_moments(per_example: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(Σ_k x_k, Σ_k x_k²)`` over dim 0."""
-    return per_example.sum(0), per_example.square().sum(0)
+def _row_squares(per_example: Tensor) -> Tensor:
+    """``Σ_k x_k²`` over dim 0."""
+    return per_example.square().sum(0)
 
 
 # ------------------------------------------------------------------ the rules
@@ -218,20 +215,20 @@ class LinearRule(LayerRule):
         a, e = call.inputs, call.grads[0]
         return a.reshape(call.batch, -1, a.shape[-1]), e.reshape(call.batch, -1, e.shape[-1])
 
-    def _moments(self, call, names):
+    def _squares(self, call, names):
         a, e = call.inputs, call.grads[0]
         out = {}
         if a.dim() == 2:
             if "weight" in names:
-                out["weight"] = (e.t() @ a, e.square().t() @ a.square())
+                out["weight"] = e.square().t() @ a.square()
             if "bias" in names:
-                out["bias"] = _row_moments(e)
+                out["bias"] = _row_squares(e)
             return out
         a3, e3 = self._sequences(call)
         if "weight" in names:
-            out["weight"] = _per_example_product_moments(e3.transpose(1, 2), lambda rows: a3[rows], a3.shape[-1])
+            out["weight"] = _per_example_product_squares(e3.transpose(1, 2), lambda rows: a3[rows], a3.shape[-1])
         if "bias" in names:
-            out["bias"] = _row_moments(e3.sum(1))
+            out["bias"] = _row_squares(e3.sum(1))
         return out
 
     def _per_example(self, call, name, rows):
@@ -258,15 +255,14 @@ class Conv2dRule(LayerRule):
             call.cache["im2col"] = _Im2Col(call.inputs, module.kernel_size, padding, module.stride, module.dilation)
         return call.grads[0].flatten(2), call.cache["im2col"]  # e: [B, out, L]
 
-    def _moments(self, call, names):
+    def _squares(self, call, names):
         e3, patches = self._parts(call)
         weight = call.module.weight
         out = {}
         if "weight" in names:
-            s1, s2 = _per_example_product_moments(e3, patches, weight[0].numel())
-            out["weight"] = (s1.view_as(weight), s2.view_as(weight))
+            out["weight"] = _per_example_product_squares(e3, patches, weight[0].numel()).view_as(weight)
         if "bias" in names:
-            out["bias"] = _row_moments(e3.sum(2))
+            out["bias"] = _row_squares(e3.sum(2))
         return out
 
     def _per_example(self, call, name, rows):
@@ -296,8 +292,8 @@ class EmbeddingRule(LayerRule):
         g = torch.zeros(idx.shape[0], module.num_embeddings, e3.shape[-1], dtype=e3.dtype, device=e3.device)
         return g.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, e3.shape[-1]), e3)
 
-    def _moments(self, call, names):
-        return {"weight": _row_moments(self._per_example(call, "weight", slice(None)))}
+    def _squares(self, call, names):
+        return {"weight": _row_squares(self._per_example(call, "weight", slice(None)))}
 
 
 def _is_lstm_layer(module: nn.Module) -> bool:
@@ -391,16 +387,15 @@ class LSTMLayerRule(LayerRule):
         call.cache["dz"], call.cache["right"] = dz, inputs
         return dz, inputs
 
-    def _moments(self, call, names):
+    def _squares(self, call, names):
         dz, inputs = self._gate_gradients(call)
         width = call.inputs[0].shape[-1]
         out = {}
         if "weight_ih" in names or "weight_hh" in names:
-            s1, s2 = _per_example_product_moments(dz.transpose(1, 2), lambda rows: inputs[rows], inputs.shape[-1])
-            out["weight_ih"] = (s1[:, :width].contiguous(), s2[:, :width].contiguous())
-            out["weight_hh"] = (s1[:, width:].contiguous(), s2[:, width:].contiguous())
+            s2 = _per_example_product_squares(dz.transpose(1, 2), lambda rows: inputs[rows], inputs.shape[-1])
+            out["weight_ih"], out["weight_hh"] = s2[:, :width].contiguous(), s2[:, width:].contiguous()
         if "bias" in names:
-            out["bias"] = _row_moments(dz.sum(1))
+            out["bias"] = _row_squares(dz.sum(1))
         return {n: out[n] for n in names}
 
     def _per_example(self, call, name, rows):
@@ -430,8 +425,8 @@ class _NormRule(LayerRule):
             e = e * call.cache["x_hat"][rows]
         return e.reshape(e.shape[0], -1, *e.shape[e.dim() - dims:]).sum(1)
 
-    def _moments(self, call, names):
-        return {n: _row_moments(self._rows(call, n, slice(None))) for n in names}
+    def _squares(self, call, names):
+        return {n: _row_squares(self._rows(call, n, slice(None))) for n in names}
 
     def _per_example(self, call, name, rows):
         return self._rows(call, name, rows)
@@ -606,19 +601,16 @@ class FunctionalRule(LayerRule):
         numel = sum(p.numel() for _, p in self.parameters(call.module))
         return max(1, min(call.batch, _FUNCTIONAL_CHUNK_ELEMENTS // max(1, numel)))
 
-    def _moments(self, call, names):
-        sums: Dict[str, List[Tensor]] = {}
+    def _squares(self, call, names):
+        squares: Dict[str, Tensor] = {}
         step = self._rows_per_chunk(call)
         for start in range(0, call.batch, step):
             chunk = self._chunk(call, slice(start, min(start + step, call.batch)))
             for n in names:
-                g = chunk[n]
-                if n in sums:
-                    sums[n][0] += g.sum(0)
-                    sums[n][1] += g.square().sum(0)
-                else:
-                    sums[n] = [g.sum(0), g.square().sum(0)]
-        return {n: (s1, s2) for n, (s1, s2) in sums.items()}
+                if n not in squares:
+                    squares[n] = chunk[n].new_zeros(chunk[n].shape[1:])
+                _accumulate_(squares[n], chunk[n])
+        return squares
 
     def _per_example(self, call, name, rows):
         return self._chunk(call, slice(rows.start or 0, min(rows.stop, call.batch)))[name]
