@@ -130,7 +130,7 @@ class _Unguarded(BatchVarianceEstimator):
     """The estimator without what guards its hand-over (the state before issue 24): no search for
     uses of a parameter outside its layers, no reference copy of the gradient for the step's check."""
 
-    def _check_uses(self, calls):
+    def _check_uses(self, *calls):
         pass
 
     def _attach(self, p, variance):
@@ -197,9 +197,14 @@ def whole_step(args) -> None:
                 times[label].append(took[label])
                 times[anchor_label].append(took[anchor_label])
         cells = [f"{anchor_label} {statistics.median(times[anchor_label]) * 1e3:.0f} ms"]
-        cells += [f"{label} {statistics.median(times[label]) * 1e3:.0f} ms ({statistics.median(ratios[label]):.2f}x)"
-                  for label in methods]
+        cells += [f"{label} {statistics.median(times[label]) * 1e3:.0f} ms ({statistics.median(ratios[label]):.2f}x, "
+                  f"quartiles {_quartiles(ratios[label])})" for label in methods]
         print(f"{name}: " + ", ".join(cells))
+
+
+def _quartiles(values) -> str:
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return f"{q1:.2f}–{q3:.2f}"
 
 
 def _general(layer: torch.nn.Module) -> torch.nn.Module:

@@ -253,6 +253,7 @@ class BatchVarianceEstimator:
                 if out.requires_grad:
                     out.register_hook(self._grad_saver(call, i))
             self._watch_uses(call)
+            call.release_graph()
         self._roots.extend(t.grad_fn for t in _tensors(output) if t.grad_fn is not None)
 
     def _watch_uses(self, call: LayerCall) -> None:

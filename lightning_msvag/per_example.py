@@ -66,11 +66,15 @@ class UnsupportedLayer(ValueError):
 class LayerCall:
     """One call of a supported layer in the recorded step: its inputs, its outputs' gradients.
 
-    ``outputs[i]`` are the tensors whose gradients the rule needs; ``grads[i]`` is the gradient of
-    ``outputs[i]`` (absent: none reached it). ``prepare`` converts them once to the compute dtype.
+    ``outputs[i]`` are the tensors whose gradients the rule needs and ``in_nodes``/``out_nodes``
+    the autograd nodes that bound the call: the estimator hooks and walks them as the call
+    happens, then :meth:`release_graph` drops them (a hook on an output that holds the record
+    would otherwise keep each step's graph alive). ``grads[i]`` is the gradient of output ``i``
+    (absent: none reached it); ``out_meta[i]`` its shape, dtype and device. ``prepare`` converts
+    them once to the compute dtype.
     """
 
-    __slots__ = ("module", "rule", "inputs", "outputs", "grads", "batch", "in_nodes", "out_nodes", "cache")
+    __slots__ = ("module", "rule", "inputs", "outputs", "out_meta", "grads", "batch", "in_nodes", "out_nodes", "cache")
 
     def __init__(self, module: nn.Module, rule: "LayerRule", inputs: Any, outputs: Sequence[Tensor],
                  in_tensors: Sequence[Tensor], batch: Optional[int] = None) -> None:
@@ -78,12 +82,17 @@ class LayerCall:
         self.rule = rule
         self.inputs = inputs
         self.outputs = list(outputs)
+        self.out_meta = [(t.shape, t.dtype, t.device) for t in outputs]
         self.grads: Dict[int, Tensor] = {}
         self.batch = int(outputs[0].shape[0]) if batch is None else int(batch)
         # the autograd nodes that bound this call (docs/algorithm.md §1.1: uses outside a layer)
         self.out_nodes = [t.grad_fn for t in outputs if t.grad_fn is not None]
         self.in_nodes = [t.grad_fn for t in in_tensors if isinstance(t, Tensor) and t.grad_fn is not None]
         self.cache: Dict[str, Any] = {}
+
+    def release_graph(self) -> None:
+        """Drop the references into the step's autograd graph (the outputs and the bounding nodes)."""
+        self.outputs, self.out_nodes, self.in_nodes = [], [], []
 
     @property
     def reached(self) -> bool:
@@ -563,7 +572,8 @@ class FunctionalRule(LayerRule):
         batched = [t.narrow(d, rows.start, rows.stop - rows.start) if d is not None else t
                    for t, d in zip(call.inputs, in_dims)]
         cotangents = [call.grads[i].narrow(d, rows.start, rows.stop - rows.start) if i in call.grads
-                      else torch.zeros_like(call.outputs[i]).narrow(d, rows.start, rows.stop - rows.start)
+                      else torch.zeros(call.out_meta[i][0], dtype=call.out_meta[i][1], device=call.out_meta[i][2]
+                                       ).narrow(d, rows.start, rows.stop - rows.start)
                       for i, d in enumerate(out_dims)]
 
         def one(leaves, grads):

@@ -1004,3 +1004,35 @@ def test_a_tiny_char_transformer_learns_war_and_peace_with_the_minibatch_estimat
     assert abs(losses[0] - math.log(83)) < 0.1
     assert sum(losses[-20:]) / 20 < 2.9  # 2.74 here (ln 83 = 4.42)
     assert all(0.0 < g < 1.0 for g in gammas)
+
+
+@pytest.mark.parametrize("problem", ["transformer", "char_lstm", "2c2d", "mha"])
+def test_no_step_keeps_its_graph_alive(problem):
+    """The records, hooks and references of a step do not outlive it: after compute() and the step's
+    own references are gone, its output (and with it the whole graph and its saved tensors) is freed.
+    (A hook on an output that held the record would keep every step's graph: memory grows without bound.)"""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    if problem == "transformer":
+        model, x, y = CharTransformer(width=16, depth=1, heads=2, context=8), torch.randint(0, 83, (4, 8)), None
+    elif problem == "char_lstm":
+        model, x, _ = _small_lstm()
+        model = model.float()
+        model._test_state = tuple(s.float() for s in model._test_state)
+    elif problem == "2c2d":
+        model, x = TwoC2D(), torch.randn(3, 1, 28, 28)
+    else:
+        model, x = _Head(nn.MultiheadAttention(4, 2, batch_first=True), 4), torch.randn(3, 5, 4)
+    est = BatchVarianceEstimator(model)
+    refs = []
+    for _ in range(3):
+        with est.record():
+            out = model(x, model._test_state)[0] if problem == "char_lstm" else model(x)
+            out.square().mean().backward()
+        est.compute()
+        refs.append(weakref.ref(out))
+        del out
+    gc.collect()
+    assert all(ref() is None for ref in refs)
