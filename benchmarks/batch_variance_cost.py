@@ -173,10 +173,13 @@ def whole_step(args) -> None:
     the pair. (On this shared CPU a step's time moves by up to 2× over minutes, and a step run
     right after another mini-batch step pays for the caches the other one emptied: ratios of
     separate medians, or of variants in a fixed order, mislead.)"""
-    print(f"whole training step; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"whole training step on {args.device}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median over {args.rounds} rounds of the ratio within an (anchor, variant) pair, order alternating")
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for name, model, x, y in _problems(args.problems):
-        model.train()
+        model.train().to(device)
+        x, y = x.to(device), y.to(device)
         methods = _training_steps(model, args.clip)
         anchor_label = "M-SVAG moving average"
         anchor = methods.pop(anchor_label)
@@ -190,8 +193,10 @@ def whole_step(args) -> None:
                 pair = ((anchor_label, anchor), (label, step)) if r % 2 == 0 else ((label, step), (anchor_label, anchor))
                 took = {}
                 for which, run in pair:
+                    sync()
                     t0 = time.perf_counter()
                     run(x, y)
+                    sync()
                     took[which] = time.perf_counter() - t0
                 ratios[label].append(took[label] / took[anchor_label])
                 times[label].append(took[label])
@@ -203,6 +208,8 @@ def whole_step(args) -> None:
 
 
 def _quartiles(values) -> str:
+    if len(values) < 2:
+        return "n/a"
     q1, _, q3 = statistics.quantiles(values, n=4)
     return f"{q1:.2f}–{q3:.2f}"
 
@@ -296,6 +303,7 @@ def main() -> None:
                         help="--whole-step: max norm of the clipped variants (small: every step clips)")
     parser.add_argument("--layers", action="store_true", help="the estimate of each layer type on a reference shape, "
                         "hand-written rule against the general one")
+    parser.add_argument("--device", default="cpu", help="--whole-step: where the models and data live (cpu, cuda)")
     parser.add_argument("--problems", default="p1,p2,p4,transformer",
                         help="comma-separated subset of p1,p2,p4,transformer")
     args = parser.parse_args()

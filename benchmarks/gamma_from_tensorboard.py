@@ -41,7 +41,6 @@ def summarise(folder: Path) -> dict:
     values = [v for _, v in gamma]
     second_half = [v for s, v in gamma if s >= gamma[-1][0] / 2]
     return {
-        "folder": str(folder),
         "gamma_steps": [s for s, _ in gamma],
         "gamma_mean": values,
         "gamma_mean_over_run": statistics.fmean(values),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for the optimizer family: one command, under 5 minutes on one GPU, printing as it goes.
+# GPU check for the optimizer family: one command, under 6 minutes on one GPU, printing as it goes.
 #   1. tests/test_optimizers.py -k cuda: every CUDA path of the optimizers against the NumPy
 #      oracle over 1000 steps (float32, float64, minimize and maximize), CUDA against CPU;
 #   2. tests/test_triton_kernel.py -k cuda: the fused Triton kernel compiled for this GPU
@@ -12,7 +12,10 @@
 #      printed as soon as it is measured;
 #   4. benchmarks/problem_step_time.py --device cuda: a whole training step of P2, P3, P4
 #      (M-SVAG, M-SSD, their Triton path, fused Adam, fused SGD-momentum) in float32 and
-#      under bf16 autocast.
+#      under bf16 autocast;
+#   5. benchmarks/batch_variance_cost.py --whole-step --device cuda: a whole M-SVAG step with
+#      the mini-batch variance estimate over one with the moving average, P1, P2, P4 and the
+#      character transformer, each ratio within an (anchor, variant) pair.
 # Each part has its own time limit and runs even if an earlier one failed; the exit status
 # says whether all passed. Needs torch with CUDA, Triton, pytest, numpy, pytorch-lightning
 # (not jsonargparse). Wheels of missing packages can be put in .whl/ (git-ignored): they
@@ -52,6 +55,8 @@ part "3. optimizer step, five layouts" 70 \
 part "4. whole training step, P2 P3 P4" 55 \
     "$PYTHON" benchmarks/problem_step_time.py --device cuda --problems p2,p3,p4 --precision 32,bf16 \
         --steps 10 --warmup 3 --rounds 3
+part "5. mini-batch variance estimate, whole step" 60 \
+    "$PYTHON" benchmarks/batch_variance_cost.py --whole-step --device cuda --rounds 5 --problems p1,p2,p4,transformer
 
 echo
 if [ ${#failed[@]} -eq 0 ]; then
