@@ -1,7 +1,7 @@
 """Cost of the mini-batch variance estimate: one training step with vs without it, side by side.
 
 For P1 (2c2d, batch 128), P2 (3c3d, batch 128), P4 (char-LSTM, batch 50 × 50) at their real
-sizes and the character transformer (models.CharTransformer, batch 50 × 50), times forward + backward of the training loss (cross-entropy + L2) with
+sizes and the character transformer (lightning_msvag.models.CharTransformer, batch 50 × 50), times forward + backward of the training loss (cross-entropy + L2) with
 
 * ``plain``     — no estimate (the moving-average optimizers' cost);
 * ``hooks``     — :class:`lightning_msvag.batch_variance.BatchVarianceEstimator` (forward +
@@ -52,7 +52,7 @@ from torch.func import functional_call, grad, vmap  # noqa: E402
 
 from lightning_msvag import MSVAG, batch_estimate  # noqa: E402
 from lightning_msvag.batch_variance import BatchVarianceEstimator  # noqa: E402
-from models import CharLSTM, CharTransformer, ThreeC3D, TwoC2D  # noqa: E402
+from lightning_msvag.models import CharLSTM, CharTransformer, ThreeC3D, TwoC2D  # noqa: E402
 
 
 def _problems(which: str = "p1,p2,p4"):
@@ -251,7 +251,7 @@ class _LSTMLayer(torch.nn.Module):
 
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
-        from models import TFLSTMLayer
+        from lightning_msvag.models import TFLSTMLayer
 
         self.layer = TFLSTMLayer(width, hidden)
 

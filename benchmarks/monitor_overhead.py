@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 import lightning_msvag as lm  # noqa: E402
 from lightning_msvag.callbacks import VarianceAdaptationMonitor  # noqa: E402
-from models import ThreeC3D, WideResNet404  # noqa: E402
+from lightning_msvag.models import ThreeC3D, WideResNet404  # noqa: E402
 
 
 class RandomBatches(Dataset):

@@ -31,7 +31,7 @@ import time
 import torch
 
 import lightning_msvag as lm
-from models import CharLSTM, ThreeC3D, TwoC2D, WideResNet404
+from lightning_msvag.models import CharLSTM, ThreeC3D, TwoC2D, WideResNet404
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from optimizer_step import triton_factory  # noqa: E402

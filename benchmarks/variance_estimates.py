@@ -46,13 +46,13 @@ PROBLEMS = {"p1": "P1 2c2d, Fashion-MNIST", "p4": "P4 char-LSTM, War and Peace"}
 def _problem(name: str, data_dir: str, seed: int):
     torch.manual_seed(seed)
     if name == "p4":
-        from datamodules import TolstoiDataModule
-        from models import CharLSTM
+        from lightning_msvag.datamodules import TolstoiDataModule
+        from lightning_msvag.models import CharLSTM
 
         model, data = CharLSTM(), TolstoiDataModule(data_dir=data_dir, seed=seed)
     else:
-        from datamodules import FashionMNISTDataModule
-        from models import TwoC2D
+        from lightning_msvag.datamodules import FashionMNISTDataModule
+        from lightning_msvag.models import TwoC2D
 
         model, data = TwoC2D(), FashionMNISTDataModule(data_dir=data_dir, seed=seed, download=False)
     data.prepare_data()

@@ -17,7 +17,7 @@ augmentation), ``test_dataloader()`` (full test set) and ``val_dataloader()`` =
 ``[train_eval, test]`` (``dataloader_idx`` 0 = train-eval, 1 = test).  Batches are
 ``(inputs, targets)``; ``num_classes`` is a class attribute.  The CIFAR augmentation (TF
 semantics, fixed order, no clipping) and the pixel-scale choice (``pixel_range``) are
-documented in :mod:`datamodules.transforms`.
+documented in :mod:`lightning_msvag.datamodules.transforms`.
 
 On-disk layout expected under ``data_dir`` (torchvision's layout for the image sets)::
 

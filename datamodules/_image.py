@@ -141,9 +141,9 @@ class ImageDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         """Check the files on disk; download the missing ones if ``download=True``.
 
-        Raises :class:`~datamodules.DataUnavailableError` (files missing, download off or
+        Raises :class:`~lightning_msvag.datamodules.DataUnavailableError` (files missing, download off or
         failed; the message lists the exact paths to place) or
-        :class:`~datamodules.DataIntegrityError` (a present file has the wrong content).
+        :class:`~lightning_msvag.datamodules.DataIntegrityError` (a present file has the wrong content).
         """
         self._ensure_files(download=self.download)
 

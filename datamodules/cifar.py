@@ -163,7 +163,7 @@ class CIFAR10DataModule(_CIFARDataModule):
     Batches are ``(inputs, targets)``: inputs float32 ``[B, 3, 32, 32]``, labels int64 in
     ``[0, 10)``.  Training images: zero-pad 2, random 32x32 crop, random horizontal flip,
     additive brightness ±63/255, saturation x[0.5, 1.5], contrast x[0.2, 1.8] (TensorFlow
-    semantics, no clipping), per-image standardisation (see :mod:`datamodules.transforms`).
+    semantics, no clipping), per-image standardisation (see :mod:`lightning_msvag.datamodules.transforms`).
     Train-eval (first 10,000 training images) and test (all 10,000): per-image
     standardisation only.  :meth:`val_dataloader` returns ``[train_eval, test]``.
 
@@ -190,7 +190,7 @@ class CIFAR10DataModule(_CIFARDataModule):
             ``[0, 1]`` (brightness jitter up to ±63/255 of the range); 255.0 keeps
             ``[0, 255]`` exactly like DeepOBS' TensorFlow code (where the ±63/255 brightness
             jitter is negligible).  Outputs are standardised per image either way.  See
-            :mod:`datamodules.transforms`.
+            :mod:`lightning_msvag.datamodules.transforms`.
     """
 
     dataset_cls = CIFAR10
@@ -226,7 +226,7 @@ class CIFAR100DataModule(_CIFARDataModule):
             ``[0, 1]`` (brightness jitter up to ±63/255 of the range); 255.0 keeps
             ``[0, 255]`` exactly like DeepOBS' TensorFlow code (where the ±63/255 brightness
             jitter is negligible).  Outputs are standardised per image either way.  See
-            :mod:`datamodules.transforms`.
+            :mod:`lightning_msvag.datamodules.transforms`.
     """
 
     dataset_cls = CIFAR100

@@ -126,7 +126,7 @@ class FashionMNISTDataModule(ImageDataModule):
             + format_paths([self.raw_folder / n for n in names])
             + "\n(or the .gz archives from https://github.com/zalandoresearch/fashion-mnist under the "
             "same names plus '.gz' in the same folder), then run again. Without access to the mirrors: "
-            "docs/fashion_mnist_offline.md (python -m datamodules.fashion_mnist_offline builds them from "
+            "docs/fashion_mnist_offline.md (python -m lightning_msvag.datamodules.fashion_mnist_offline builds them from "
             "the Debian package dataset-fashion-mnist)."
         )
 

@@ -12,11 +12,11 @@ mismatch it writes nothing for that file and exits non-zero.
 
 Usage (standard library only; ``apt-get`` only when no ``--deb`` is given)::
 
-    python -m datamodules.fashion_mnist_offline --data-dir ./data                 # runs 'apt-get download'
-    python -m datamodules.fashion_mnist_offline --deb dataset-fashion-mnist_*.deb --data-dir ./data
+    python -m lightning_msvag.datamodules.fashion_mnist_offline --data-dir ./data                 # runs 'apt-get download'
+    python -m lightning_msvag.datamodules.fashion_mnist_offline --deb dataset-fashion-mnist_*.deb --data-dir ./data
 
 The files land in ``<data-dir>/FashionMNIST/raw/<name>.gz``, where
-``datamodules.FashionMNISTDataModule`` (and torchvision) look for them; the data module
+``lightning_msvag.datamodules.FashionMNISTDataModule`` (and torchvision) look for them; the data module
 verifies the same md5s again and unpacks them on first use.
 """
 

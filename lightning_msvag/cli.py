@@ -8,7 +8,7 @@
     lightning-msvag --list-optimizers
 
 ``--model`` and ``--data`` take any LightningModule / LightningDataModule (the configs use
-``models.*`` and ``datamodules.*``). ``--optimizer`` takes this project's optimizers by class
+``lightning_msvag.models.*`` and ``lightning_msvag.datamodules.*``). ``--optimizer`` takes this project's optimizers by class
 name (``MSGD``, ``MSSD``, ``MSVAG``, ``SVAG``, ``SSD``) or registry name (``m-svag``, any name
 ``--list-optimizers`` prints) as well as torch's (``Adam``, ``SGD``, ...), and
 ``--lr_scheduler`` any ``torch.optim.lr_scheduler`` class.

@@ -63,7 +63,7 @@ class ThreeC3D(ClassificationProblem):
     Spatial sizes 32 →conv 28 →pool 14 →conv 12 →pool 6 →conv 6 →pool 3.
 
     The 3/2 "same" pools need one pad row/column, which TF puts bottom/right
-    (never top/left); :class:`~models.tf_compat.TFSameMaxPool2d` reproduces that
+    (never top/left); :class:`~lightning_msvag.models.tf_compat.TFSameMaxPool2d` reproduces that
     with ``-inf`` padding. PyTorch's symmetric ``padding=1`` would shift every
     pooling window.
 

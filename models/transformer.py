@@ -3,7 +3,7 @@
 The model optimizer papers now test on, for the mini-batch variance estimate (docs/algorithm.md
 §1.1) and the family alike: character tokens, a GPT-style stack of pre-norm blocks with causal
 self-attention, and an output layer tied to the token embedding. It trains on the same batches
-as P4 (:class:`datamodules.TolstoiDataModule`, 50 rows of 50 characters): each row is one
+as P4 (:class:`lightning_msvag.datamodules.TolstoiDataModule`, 50 rows of 50 characters): each row is one
 example, every position predicts the next character, the loss is the mean cross-entropy.
 
 Layout (every parameter sits in a layer with a hand-written per-example rule)::

@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="module")
 def tolstoi_dir(tmp_path_factory):
     """A Tolstoi data folder for the module: the packaged text, its id cache built once."""
-    from datamodules import TolstoiDataModule
+    from lightning_msvag.datamodules import TolstoiDataModule
 
     root = tmp_path_factory.mktemp("tolstoi")
     TolstoiDataModule(str(root), download=False).prepare_data()

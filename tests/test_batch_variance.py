@@ -21,8 +21,8 @@ from torch import nn
 
 from lightning_msvag import batch_variance, per_example
 from lightning_msvag.batch_variance import BatchVarianceError, BatchVarianceEstimator, batch_variance_from_moments
-from models import CharLSTM, CharTransformer, ThreeC3D, TwoC2D
-from models import WideResNet404
+from lightning_msvag.models import CharLSTM, CharTransformer, ThreeC3D, TwoC2D
+from lightning_msvag.models import WideResNet404
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -340,7 +340,7 @@ class _StateReadingLSTM(nn.Module):
 
     def __init__(self):
         super().__init__()
-        from models.char_rnn import TFLSTMLayer
+        from lightning_msvag.models.char_rnn import TFLSTMLayer
 
         self.layer = TFLSTMLayer(3, 4)
         self.head = nn.Linear(4, 5)
@@ -981,7 +981,7 @@ def test_a_tiny_char_transformer_learns_war_and_peace_with_the_minibatch_estimat
     import math
 
     import lightning_msvag as lm
-    from datamodules.tolstoi import build_vocabulary, embedded_war_and_peace, make_stream_batches, preprocess_war_and_peace
+    from lightning_msvag.datamodules.tolstoi import build_vocabulary, embedded_war_and_peace, make_stream_batches, preprocess_war_and_peace
 
     _, ids = build_vocabulary(preprocess_war_and_peace(embedded_war_and_peace()))
     inputs, targets, _ = make_stream_batches(ids[:200_000], batch_size=16, seq_len=32)

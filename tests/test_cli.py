@@ -13,11 +13,11 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import lightning_msvag
-from datamodules import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule
+from lightning_msvag.datamodules import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule
 from tests.helpers.fakes import patch_cifar_md5, write_fake_cifar10, write_fake_cifar100, write_fake_fashion_mnist
 from lightning_msvag.cli import build_cli, main
 from lightning_msvag.registry import METHODS, optimizer_config_text
-from models import ThreeC3D, TwoC2D, WideResNet404
+from lightning_msvag.models import ThreeC3D, TwoC2D, WideResNet404
 
 #: end-to-end runs (Lightning fits, subprocesses): part of the full suite, not of -m "not slow"
 pytestmark = pytest.mark.slow
@@ -279,11 +279,18 @@ def test_non_editable_install_works_from_an_empty_folder(tmp_path):
                     "--target", str(site), str(source)], check=True, capture_output=True, timeout=600)
     empty = tmp_path / "empty"
     empty.mkdir()
-    env = {"PYTHONPATH": str(site)}
-    listed = subprocess.run([sys.executable, "-c", "import lightning_msvag, datamodules; "
-                             "print(lightning_msvag.__file__); print(datamodules.__file__)"],
+    # the user's own project has a `models` and a `datamodules` package (the most common names)
+    for own in ("models", "datamodules"):
+        (empty / own).mkdir()
+        (empty / own / "__init__.py").write_text("OWNER = 'the user'\n")
+    env = {"PYTHONPATH": f"{site}{os.pathsep}{empty}"}
+    listed = subprocess.run([sys.executable, "-c", "import lightning_msvag, lightning_msvag.models, lightning_msvag.datamodules, "
+                             "models, datamodules; print(lightning_msvag.__file__); print(lightning_msvag.datamodules.__file__); "
+                             "print(lightning_msvag.models.CharLSTM.__module__, models.OWNER, datamodules.OWNER)"],
                             cwd=empty, env={**os.environ, **env}, capture_output=True, text=True, check=True)
-    assert all(line.startswith(str(site)) for line in listed.stdout.split()), listed.stdout
+    files, owners = listed.stdout.splitlines()[:2], listed.stdout.splitlines()[2]
+    assert all(line.startswith(str(site)) for line in files), listed.stdout
+    assert owners == "lightning_msvag.models.char_rnn the user the user"  # both in one process
     assert "m-svag" in _run_command(["--list-optimizers"], empty, env).stdout.split()
     assert "--optimizer" in _run_command(["fit", "--help"], empty, env).stdout
     assert _run_command(["configs", "--write", "."], empty, env).returncode == 0

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-import datamodules
-from datamodules import (
+import lightning_msvag.datamodules
+from lightning_msvag.datamodules import (
     CIFAR10DataModule,
     CIFAR100DataModule,
     DataIntegrityError,
@@ -29,8 +29,8 @@ from datamodules import (
     FashionMNISTDataModule,
     TolstoiDataModule,
 )
-from datamodules import tolstoi as tolstoi_mod
-from datamodules.transforms import (
+from lightning_msvag.datamodules import tolstoi as tolstoi_mod
+from lightning_msvag.datamodules.transforms import (
     PerImageStandardization,
     TFRandomBrightness,
     TFRandomContrast,
@@ -341,7 +341,7 @@ def test_fashion_mnist_download_failure_points_offline_and_leaves_no_folders(tmp
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_written_data_files_follow_the_umask(tmp_path, monkeypatch, umask):
     """Downloads, copies and the Tolstoi id cache get 0666 & ~umask, like any other file (not 0600/0644)."""
-    from datamodules._files import download_file, write_atomically
+    from lightning_msvag.datamodules._files import download_file, write_atomically
 
     payload = b"some bytes"
     serve(monkeypatch, payload)
@@ -764,7 +764,7 @@ def test_cifar_train_transform_equals_a_reference_composition(pixel_range, seed)
 def test_cifar_brightness_delta_is_63_over_255_in_the_images_units():
     """With pixel_range 255 (DeepOBS-TF's raw scale) the delta stays ≤ 63/255, i.e. a quarter
     grey level: it is not rescaled with the pixels."""
-    brightness = TFRandomBrightness(datamodules.transforms.CIFAR_BRIGHTNESS_MAX_DELTA)
+    brightness = TFRandomBrightness(lightning_msvag.datamodules.transforms.CIFAR_BRIGHTNESS_MAX_DELTA)
     torch.manual_seed(0)
     deltas = torch.tensor([float(brightness(torch.zeros(1))) for _ in range(2000)])
     assert float(deltas.abs().max()) <= 63 / 255 and float(deltas.abs().max()) > 0.95 * 63 / 255
@@ -777,4 +777,4 @@ def test_cifar_eval_transform_is_standardisation_only():
         x = img.permute(2, 0, 1).double()
         expected = (x - x.mean()) / max(float(x.std(unbiased=False)), 1 / math.sqrt(3072))
         torch.testing.assert_close(cifar_eval_transform(pixel_range)(img).double(), expected, atol=1e-5, rtol=0)
-    assert datamodules.transforms.CIFAR_BRIGHTNESS_MAX_DELTA == 63 / 255
+    assert lightning_msvag.datamodules.transforms.CIFAR_BRIGHTNESS_MAX_DELTA == 63 / 255

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:  # when run as the worker script
 import pytorch_lightning as pl  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
 
-from datamodules import FashionMNISTDataModule, TolstoiDataModule  # noqa: E402
+from lightning_msvag.datamodules import FashionMNISTDataModule, TolstoiDataModule  # noqa: E402
 from lightning_msvag.resumable import ShardedRandomSampler  # noqa: E402
 from tests.helpers.boring import PARAMETER_NAMES, BoringModule  # noqa: E402
 from lightning_msvag.callbacks import VarianceAdaptationMonitor  # noqa: E402
@@ -218,8 +218,8 @@ def test_tolstoi_rows_are_split_across_ranks(tolstoi_dir):
 
 
 def test_char_lstm_checkpoint_state_rows_follow_the_rank():
-    from models import CharLSTM
-    from models.char_rnn import CHECKPOINT_STATE_KEY
+    from lightning_msvag.models import CharLSTM
+    from lightning_msvag.models.char_rnn import CHECKPOINT_STATE_KEY
 
     h = torch.arange(2 * 50 * 4, dtype=torch.float32).reshape(2, 50, 4)
     checkpoint = {CHECKPOINT_STATE_KEY: {"h": h, "c": -h}}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from models import (
+from lightning_msvag.models import (
     CharLSTM,
     CharTransformer,
     ClassificationProblem,
@@ -583,7 +583,7 @@ def test_mid_epoch_resume_continues_train_stream(tmp_path):  # (d) end to end
     No warning is filtered: the Tolstoi training loader is resumable, so Lightning has
     nothing to warn about (tests/test_resume.py checks the bitwise equality of whole runs).
     """
-    from datamodules import TolstoiDataModule
+    from lightning_msvag.datamodules import TolstoiDataModule
 
     def data():
         return TolstoiDataModule(str(tmp_path), batch_size=4, seq_len=6)

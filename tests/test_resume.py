@@ -22,7 +22,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from tests.helpers.fakes import patch_cifar_md5, write_fake_cifar10, write_fake_cifar100, write_fake_fashion_mnist
-from datamodules import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule, TolstoiDataModule
+from lightning_msvag.datamodules import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule, TolstoiDataModule
 from lightning_msvag import MSVAG
 from lightning_msvag.fault_tolerance import (
     CheckpointError,
@@ -33,7 +33,7 @@ from lightning_msvag.fault_tolerance import (
     nonfinite_entries,
     verify_checkpoint_archive,
 )
-from models import CharLSTM, ThreeC3D, TwoC2D, WideResNet404
+from lightning_msvag.models import CharLSTM, ThreeC3D, TwoC2D, WideResNet404
 
 #: end-to-end runs (Lightning fits, subprocesses): part of the full suite, not of -m "not slow"
 pytestmark = pytest.mark.slow

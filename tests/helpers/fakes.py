@@ -3,7 +3,7 @@
 Usage (e.g. an end-to-end training test)::
 
     from datamodule_fakes import write_fake_cifar10, patch_cifar_md5   # or tests.datamodule_fakes
-    from datamodules import CIFAR10DataModule
+    from lightning_msvag.datamodules import CIFAR10DataModule
 
     def test_something(tmp_path, monkeypatch):
         write_fake_cifar10(tmp_path, n_train=256, n_test=64)
