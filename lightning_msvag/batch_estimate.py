@@ -68,9 +68,11 @@ def attach(p: Tensor, variance: Tensor, grad: Optional[Tensor], name: str, buffe
 
 
 def clear(p: Tensor) -> None:
-    """Remove ``p``'s estimate (no step may use it)."""
+    """Remove ``p``'s estimate (no step may use it). Attributes are only set, never added: a
+    compiled step guards on which exist, and the same ones exist step after step."""
     setattr(p, VARIANCE_ATTRIBUTE, None)
-    setattr(p, _REFERENCE_ATTRIBUTE, None)
+    if hasattr(p, _REFERENCE_ATTRIBUTE):
+        setattr(p, _REFERENCE_ATTRIBUTE, None)
 
 
 def consume(params) -> None:
@@ -98,7 +100,11 @@ def take(p: Tensor, who: str, where: str) -> Tensor:
         )
     reference: Optional[_Reference] = getattr(p, _REFERENCE_ATTRIBUTE, None)
     grad = p.grad
-    if reference is None or (grad is reference.grad() and grad._version == reference.version):
+    if reference is None:
+        return variance
+    if torch.compiler.is_compiling():
+        return variance * _checked_scale_in_graph(grad, reference.copy, reference.name or where) ** 2
+    if grad is reference.grad() and grad._version == reference.version:
         return variance
     scale = _uniform_scale(grad, reference.copy)
     if scale == 1.0:
@@ -111,6 +117,24 @@ def take(p: Tensor, who: str, where: str) -> Tensor:
             "form the estimate after the change"
         )
     return variance * (scale * scale)
+
+
+def _checked_scale_in_graph(grad: Tensor, original: Tensor, name: str) -> Tensor:
+    """:func:`_uniform_scale` as tensor operations, for ``torch.compile`` (a 0-dim tensor c; no host
+    read: the refusal is ``torch._assert_async``, raised when the step runs)."""
+    low, high = torch.aminmax(original)
+    grad_low, grad_high = torch.aminmax(grad)
+    top = high.abs() >= low.abs()
+    largest, now = torch.where(top, high, low), torch.where(top, grad_high, grad_low)
+    scale = torch.where(largest == 0, torch.ones_like(largest), now / torch.where(largest == 0, torch.ones_like(largest), largest))
+    bound = 4 * torch.finfo(grad.dtype).eps * scale * largest.abs()
+    below, above = torch.aminmax(grad - original * scale)
+    torch._assert_async(
+        (scale >= 0) & (torch.maximum(-below, above) <= bound),
+        f"the gradient of {name} changed between the mini-batch variance estimate and step() by something other "
+        "than a uniform rescale: the estimate does not describe it (docs/algorithm.md §1.1)",
+    )
+    return scale
 
 
 def _uniform_scale(grad: Tensor, original: Tensor) -> Optional[float]:

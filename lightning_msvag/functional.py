@@ -161,6 +161,75 @@ class _ForeachOps:
         return v
 
 
+class _TensorScalars:
+    """The scalar operations of :func:`~lightning_msvag.rule._coefficients` on 0-dim tensors: under
+    ``torch.compile`` the per-step scalars come from each tensor's step counter inside the graph
+    (no host read, no recompilation as k grows), as the Triton kernel computes them on the device."""
+
+    symbolic = True
+    where = staticmethod(torch.where)
+
+    @staticmethod
+    def minimum(a, b):
+        return torch.clamp(a, max=b)
+
+
+class _CompiledOps:
+    """:class:`~lightning_msvag.rule.UpdateOps` for ``torch.compile``: single tensors, every operation
+    out of place (the in-place names may, not must, update), scalars that may be 0-dim tensors.
+    Inductor fuses one tensor's whole update into one pass over θ, g, m~, v~; out of place, the
+    update can be traced twice (γ and the plain step) and selected per tensor on k > 1."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.tiny = torch.finfo(dtype).tiny
+
+    scale_grad = staticmethod(lambda g, s: g if isinstance(s, float) and s == 1.0 else g * s)
+    lerp_ = staticmethod(lambda m, g, w: torch.lerp(m, g, w))
+    ema_square_ = staticmethod(lambda v, g, beta, w: v * beta + g * g * w)
+    sign = staticmethod(torch.sign)
+    mul = staticmethod(torch.mul)
+    add_scaled = staticmethod(lambda a, b, k: a + b * k)
+    add_scalar_ = staticmethod(lambda a, s: a + s)
+    div_ = staticmethod(lambda a, b: a / b)
+    clamp_ = staticmethod(lambda x, lo, hi: torch.clamp_max(torch.clamp_min(x, lo), hi))
+    addcmul_ = staticmethod(lambda p, a, b, s: p + a * b * s)
+    add_ = staticmethod(lambda p, d, s: p + d * s)
+    rsub_scalar = staticmethod(lambda x, s: s - x)
+    sqrt_ = staticmethod(torch.sqrt)
+    erf_ = staticmethod(torch.erf)
+    ema_ = staticmethod(lambda v, x, decay, w: v * decay + x * w)
+
+
+def _compiled_update(params, grads, exp_avgs, exp_avg_sqs, step_tensors, *, rule, lr, beta, maximize,
+                     batch_variances=None) -> None:
+    """The update under ``torch.compile`` (docs/algorithm.md §3): the one :func:`~lightning_msvag.rule._update_math`
+    per tensor on :class:`_CompiledOps`, with the scalars of :func:`~lightning_msvag.rule._coefficients`
+    computed in float64 from the tensor's own (already advanced) step counter. Rules whose first
+    step is the plain step trace both bodies and select θ on k > 1 (m~, v~ agree). 16-bit tensors
+    compute in float32 and round once; complex ones step their real views."""
+    params, grads, exp_avgs, exp_avg_sqs = _real_views(params, grads, exp_avgs, exp_avg_sqs)
+    branches = (False, True) if rule.variance_adaptation and not rule.needs_batch_variance else (rule.variance_adaptation,)
+    for i, (p, g, m, v, k) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, step_tensors)):
+        compute = _compute_dtype(p.dtype)
+        ops = _CompiledOps(compute)
+        work = [None if t is None else t.to(compute) for t in (p, g, m, v)]
+        s = None if batch_variances is None else batch_variances[i].to(compute)
+        k64 = k.to(torch.float64)
+        results = []
+        for va in branches:
+            c = _coefficients(rule, lr, beta, k64, maximize, ops=_TensorScalars, va=va)
+            c = c._replace(**{f: v_.to(compute) for f, v_ in c._asdict().items() if isinstance(v_, Tensor)})
+            results.append(_update_math(rule, ops, c, *work, s))
+        p_new, m_new, v_new = results[-1]
+        if len(results) == 2:  # k = 1: the plain step (γ = 1 exactly); k > 1: the γ step
+            p_new = torch.where(k > 1, p_new, results[0][0])
+        p.copy_(p_new)
+        if m is not None and m_new is not None:
+            m.copy_(m_new)
+        if v is not None and v_new is not None:
+            v.copy_(v_new)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 

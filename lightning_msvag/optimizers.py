@@ -32,7 +32,6 @@ update and a step with ``found_inf`` is skipped).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -80,18 +79,23 @@ class _RuleAttribute:
     ``state_dict`` carry it (an instance attribute would be lost by ``Optimizer.__getstate__``).
     """
 
-    def __init__(self, rule: UpdateRule) -> None:
-        self.default = rule
-
     def __get__(self, optimizer, owner=None) -> UpdateRule:
         if optimizer is None:
-            return self.default
+            return owner._default_rule
         return optimizer.rule_of(optimizer.defaults)
 
 
-@functools.lru_cache(maxsize=None)
+#: (class rule, its fields' new values) -> the rule: a plain dict (torch.compile reads it; an
+#: lru_cache it would trace around)
+_RULES: Dict[Tuple[UpdateRule, Tuple[Tuple[str, Any], ...]], UpdateRule] = {}
+
+
 def _rule_with(rule: UpdateRule, fields: Tuple[Tuple[str, Any], ...]) -> UpdateRule:
-    return dataclasses.replace(rule, **dict(fields))
+    key = (rule, fields)
+    found = _RULES.get(key)
+    if found is None:
+        found = _RULES[key] = dataclasses.replace(rule, **dict(fields))
+    return found
 
 
 class DissectedOptimizer(Optimizer):
@@ -133,6 +137,8 @@ class DissectedOptimizer(Optimizer):
     """
 
     rule: UpdateRule = UpdateRule()
+    #: the class's rule (what ``Class.rule`` returns; a plain attribute, which torch.compile reads)
+    _default_rule: UpdateRule = UpdateRule()
     #: constructor argument (= param-group key) -> the :class:`UpdateRule` field it sets
     _RULE_ARGS: Dict[str, str] = {}
     #: CPU tile size of the functional core (an implementation detail, not a hyperparameter:
@@ -143,7 +149,8 @@ class DissectedOptimizer(Optimizer):
         super().__init_subclass__(**kwargs)
         rule = cls.__dict__.get("rule")
         if isinstance(rule, UpdateRule):
-            cls.rule = _RuleAttribute(rule)
+            cls._default_rule = rule
+            cls.rule = _RuleAttribute()
 
     def __init__(
         self,
@@ -195,15 +202,15 @@ class DissectedOptimizer(Optimizer):
         (the method table's rows with ``init_args`` read it). ``ValueError`` for a bad value."""
         fields = tuple(sorted((cls._RULE_ARGS[k], v) for k, v in init_args.items() if k in cls._RULE_ARGS))
         try:
-            return _rule_with(cls.rule, fields)
+            return _rule_with(cls._default_rule, fields)
         except TypeError:  # an unhashable value (a list, ...): let UpdateRule say what it expects
-            return dataclasses.replace(cls.rule, **dict(fields))
+            return dataclasses.replace(cls._default_rule, **dict(fields))
 
     def rule_of(self, group: dict) -> UpdateRule:
         """The rule a param group (or ``defaults``) steps with: the class's, with the group's
         ``variance``/``factor`` where the class has them."""
         if not self._RULE_ARGS:
-            return type(self).rule
+            return type(self)._default_rule
         return type(self).rule_for(**{k: group[k] for k in self._RULE_ARGS if k in group})
 
     @property
@@ -226,7 +233,7 @@ class DissectedOptimizer(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._uniform_steps = {}  # the state may have changed: read every counter once
-        rule = type(self).rule
+        rule = type(self)._default_rule
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
@@ -282,6 +289,25 @@ class DissectedOptimizer(Optimizer):
             exp_avg_sqs.append(state.get("exp_avg_sq"))
             step_tensors.append(state["step"])
         return exp_avgs, exp_avg_sqs, step_tensors, created
+
+    def _init_group(self, group: dict, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
+                    step_tensors: list) -> bool:
+        """Fill the lists with the group's parameters that have a gradient, their gradients, buffers
+        and step counters (the state created where missing); whether any parameter is complex.
+
+        torch's optimizers' name and protocol: inside ``torch.compile`` Dynamo runs a method of
+        this name eagerly instead of tracing it, so the graph starts with the state made and one
+        graph serves the first step and every later one (no recompilation at step 2)."""
+        found = [p for p in group["params"] if p.grad is not None]
+        params.extend(found)
+        grads.extend(p.grad for p in found)
+        m, v, k, _ = self._init_state(found, self.rule_of(group))
+        if not all(p.is_cpu for p in found):  # counters on the parameters' devices, as torch's fused Adam keeps them
+            k = self._device_steps(found, k)
+        exp_avgs.extend(m)
+        exp_avg_sqs.extend(v)
+        step_tensors.extend(k)
+        return any(torch.is_complex(p) for p in found)
 
     def _device_steps(self, params: List[Tensor], step_tensors: List[Tensor]) -> List[Tensor]:
         """The step counters of ``params`` on the parameters' devices (moved there once, as
@@ -360,7 +386,10 @@ class DissectedOptimizer(Optimizer):
         entirely (state, counters and parameters unchanged). Groups with
         ``variance="minibatch"`` use each parameter's mini-batch estimate once
         (:mod:`lightning_msvag.batch_estimate`; checked after ``closure``, before anything changes).
+        Inside ``torch.compile`` the step is :meth:`_compiled_step`.
         """
+        if torch.compiler.is_compiling():
+            return self._compiled_step(closure)
         loss = None
         if closure is not None:  # with variance="minibatch", its backward pass records the estimate
             with torch.enable_grad():
@@ -405,6 +434,49 @@ class DissectedOptimizer(Optimizer):
         for group, rule, params, _, _, _ in checked:
             if rule.needs_batch_variance:
                 batch_estimate.consume(params)  # one estimate, one step
+        return loss
+
+    def _compiled_step(self, closure: Optional[Callable[[], float]] = None):
+        """:meth:`step` inside ``torch.compile`` (``fullgraph=True`` holds): the update of each tensor as
+        :func:`~lightning_msvag.functional._compiled_update` traces it, every scalar computed in the
+        graph from the tensor's own step counter, so nothing is read back to the host and a graph
+        serves every step (docs/algorithm.md §3). What needs a host read is refused when traced:
+        ``error_if_nonfinite=True`` and a GradScaler's fused protocol; a tensor ``lr`` is not
+        range-checked. A mini-batch estimate that no longer describes its gradient raises when the
+        step runs (``torch._assert_async``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        name = type(self).__name__
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            raise RuntimeError(f"{name}: a GradScaler's fused protocol (fused=True) does not run inside torch.compile; "
+                               "step outside it, or leave fused unset so that the scaler unscales the gradients itself")
+        used: List[List[Tensor]] = []
+        for gi, group in enumerate(self.param_groups):
+            params, grads, exp_avgs, exp_avg_sqs, step_tensors = [], [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, step_tensors)
+            if not params:
+                continue
+            if group["error_if_nonfinite"]:
+                raise RuntimeError(f"{name}: error_if_nonfinite=True reads every gradient on the host, which "
+                                   "torch.compile cannot; check outside the compiled step")
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError(f"{name} does not support sparse gradients")
+            if not isinstance(group["lr"], Tensor):
+                _check_hyperparameters(name, group["lr"], group["beta"])
+            rule = self.rule_of(group)
+            variances = None
+            if rule.needs_batch_variance:
+                index = {id(p): i for i, p in enumerate(group["params"])}
+                variances = [batch_estimate.take(p, f"{name}(variance='minibatch')", f"parameter {index[id(p)]} of group {gi}")
+                             for p in params]
+                used.append(params)
+            torch._foreach_add_(step_tensors, 1.0)
+            F._compiled_update(params, grads, exp_avgs, exp_avg_sqs, step_tensors, rule=rule, lr=group["lr"],
+                               beta=group["beta"], maximize=group["maximize"], batch_variances=variances)
+        for params in used:
+            batch_estimate.consume(params)  # one estimate, one step
         return loss
 
     def _step_group(self, group, rule, params, grads, foreach, fused, device_kernel, exp_avgs, exp_avg_sqs,
@@ -470,7 +542,7 @@ class DissectedOptimizer(Optimizer):
         return found
 
 
-DissectedOptimizer.rule = _RuleAttribute(UpdateRule())
+DissectedOptimizer.rule = _RuleAttribute()
 
 
 # ------------------------------------------------------------------ state dicts
@@ -487,7 +559,7 @@ def _method_of(rule: UpdateRule) -> Dict[str, Any]:
 
 def _record_rule(optimizer: "DissectedOptimizer", state_dict: dict) -> None:
     # torch ignores extra top-level keys; the param groups carry variance/factor themselves
-    state_dict[RULE_KEY] = _method_of(type(optimizer).rule)
+    state_dict[RULE_KEY] = _method_of(type(optimizer)._default_rule)
 
 
 def _state_buffers(rule: UpdateRule) -> set:
@@ -499,7 +571,7 @@ def _check_loadable(optimizer: "DissectedOptimizer", state_dict: dict) -> Option
     another method (recorded, or told by its buffers and keys: torch's Adam, 0.1.0's states) or
     of another ``variance``/``factor``; fill what 0.1.0's states did not record."""
     name = type(optimizer).__name__
-    mine = type(optimizer).rule
+    mine = type(optimizer)._default_rule
     saved_method = state_dict.get(RULE_KEY)
     groups = state_dict.get("param_groups", [])
     if saved_method is not None:

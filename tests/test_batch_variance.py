@@ -1036,3 +1036,32 @@ def test_no_step_keeps_its_graph_alive(problem):
         del out
     gc.collect()
     assert all(ref() is None for ref in refs)
+
+
+@pytest.mark.slow
+def test_a_compiled_step_checks_the_estimate_too():
+    """Inside torch.compile(fullgraph=True) the step still rescales σ̂² for clipping by norm (the
+    numbers of the eager step) and refuses a gradient changed otherwise, when the step runs."""
+    import lightning_msvag as lm
+    from tests.test_optimizers import compiled_step
+
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    opts = [lm.MSVAG(m.parameters(), lr=0.1, variance="minibatch") for m in (model, twin)]
+    ests = [BatchVarianceEstimator(m) for m in (model, twin)]
+    step = compiled_step(opts[0])
+    for _ in range(4):
+        for m, est in zip((model, twin), ests):
+            _estimated_step(m, x, y, est)
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1e-3)
+        step()
+        opts[1].step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert step.graphs() == 1
+    _estimated_step(model, x, y, ests[0])
+    torch.nn.utils.clip_grad_value_(model.parameters(), 0.999 * float(model[0].weight.grad.abs().max()))
+    with pytest.raises(RuntimeError, match="changed between the mini-batch variance estimate and step"):
+        step()

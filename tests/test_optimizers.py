@@ -64,6 +64,9 @@ PATHS = {
     "cuda-multi": (dict(foreach=True), None, None, "cuda"),
     "cuda-fused": (dict(fused=True), None, None, "cuda"),  # the generated Triton kernel
     "cuda-default": (dict(), None, None, "cuda"),  # = cuda-fused where Triton runs
+    # the step inside torch.compile(fullgraph=True): the default optimizer, its traced path
+    "compiled": (dict(), None, None, "cpu"),
+    "cuda-compiled": (dict(), None, None, "cuda"),
 }
 #: the plain reference path and the default path run in the quick suite; the others (which
 #: must agree with them) in the full one (pytest -m "not slow" is the edit-test loop)
@@ -78,10 +81,28 @@ def _path_params():
 
 
 def _use_path(opt, path, monkeypatch):
+    """Set the path's tile and grain; returns the function that takes a step on it."""
     _, tile, grain, _ = PATHS[path]
     opt._tile_numel = tile
     if grain is not None:
         monkeypatch.setattr(F, "KERNEL_GRAIN", grain)
+    return compiled_step(opt) if path.endswith("compiled") else opt.step
+
+
+def compiled_step(opt):
+    """``opt.step`` inside ``torch.compile(fullgraph=True)`` (no graph break allowed); the returned
+    function's ``graphs()`` counts the graphs compiled since (1: no recompilation after the first step)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+    @torch.compile(fullgraph=True)
+    def step():
+        opt.step()
+
+    step.graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    return step
 
 
 @pytest.fixture
@@ -143,7 +164,7 @@ def test_matches_numpy_transcription_of_spec(method, path, maximize, dtype, rtol
         maximize=maximize,
         **kwargs,
     )
-    _use_path(opt, path, monkeypatch)
+    step = _use_path(opt, path, monkeypatch)
     flat_params = [p for ps in torch_params for p in ps]
     group_of = [gi for gi, ps in enumerate(torch_params) for _ in ps]
     oracles = [
@@ -159,7 +180,9 @@ def test_matches_numpy_transcription_of_spec(method, path, maximize, dtype, rtol
             g_t = torch.tensor(g, dtype=dtype)
             p.grad = g_t.to(device)
             oracle.step(g_t.double().numpy(), maximize=maximize)  # the oracle sees the same (rounded) gradient
-        opt.step()
+        step()
+    if path.endswith("compiled"):
+        assert step.graphs() == 1  # one graph for every step: no recompilation as k grows
 
     for i, (p, oracle) in enumerate(zip(flat_params, oracles)):
         state = opt.state[p]
@@ -1263,3 +1286,24 @@ def test_a_failed_step_does_not_advance_the_counter(method):
     with pytest.raises(Exception):
         opt.step()
     assert int(opt.state[a]["step"]) == 1 and int(opt.state[b]["step"]) == 1
+
+
+@pytest.mark.parametrize("scheduler", ["OneCycleLR", "CyclicLR"])
+def test_schedulers_that_cycle_momentum_run_with_the_documented_switch(scheduler):
+    """README: OneCycleLR/CyclicLR cycle a `momentum`/`betas` the family does not have: with
+    cycle_momentum=False they schedule lr (and leave β alone); without it torch refuses, in its words."""
+    p = torch.nn.Parameter(torch.ones(3))
+    make = {"OneCycleLR": lambda opt, **kw: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10, **kw),
+            "CyclicLR": lambda opt, **kw: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=3, **kw)}[scheduler]
+    opt = lm.MSVAG([p], lr=0.1)
+    with pytest.raises(ValueError, match="optimizer must support momentum"):
+        make(opt)
+    opt = lm.MSVAG([p], lr=0.1)
+    sched = make(opt, cycle_momentum=False)
+    lrs = []
+    for _ in range(6):
+        p.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert len(set(lrs)) == 6 and opt.param_groups[0]["beta"] == 0.9
