@@ -71,7 +71,8 @@ def layouts(args) -> None:
     torch._dynamo.config.recompile_limit = 64
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rows = [m for m in METHODS if issubclass(m.cls, lm.DissectedOptimizer)]
+    rows = [m for m in METHODS if issubclass(m.cls, lm.DissectedOptimizer)
+            and (not args.methods or m.name in args.methods.split(","))]
     print(f"one step on {args.device}; torch {torch.__version__}, {torch.get_num_threads()} threads, median over "
           f"{args.rounds} rounds of ratios within a round (order rotating)")
     for key in args.sets.split(","):
@@ -164,6 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sets", default="wrn,100x89723,4x2.5m", help=f"comma-separated layouts of {list(LAYOUTS)}")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--methods", default="", help="comma-separated registry names (default: every method of the table)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--whole-step", action="store_true", help="whole training steps of P1 and P4, eager vs compiled")

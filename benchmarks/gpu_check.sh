@@ -15,7 +15,9 @@
 #      under bf16 autocast;
 #   5. benchmarks/batch_variance_cost.py --whole-step --device cuda: a whole M-SVAG step with
 #      the mini-batch variance estimate over one with the moving average, P1, P2, P4 and the
-#      character transformer, each ratio within an (anchor, variant) pair.
+#      character transformer, each ratio within an (anchor, variant) pair;
+#   6. benchmarks/compiled_step.py --device cuda: the step inside torch.compile(fullgraph=True)
+#      on the WRN layout against torch's compiled Adam and its own eager step, and the graphs built.
 # Each part has its own time limit and runs even if an earlier one failed; the exit status
 # says whether all passed. Needs torch with CUDA, Triton, pytest, numpy, pytorch-lightning
 # (not jsonargparse). Wheels of missing packages can be put in .whl/ (git-ignored): they
@@ -46,17 +48,19 @@ part() {  # part NAME SECONDS COMMAND...
     [ "$status" -eq 0 ] || failed+=("$name")
 }
 
-part "1. CUDA paths vs NumPy oracle" 80 \
+part "1. CUDA paths vs NumPy oracle" 70 \
     "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_optimizers.py -k cuda
-part "2. fused Triton kernel vs NumPy oracle on CUDA" 90 \
+part "2. fused Triton kernel vs NumPy oracle on CUDA" 80 \
     "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k cuda
-part "3. optimizer step, five layouts" 70 \
+part "3. optimizer step, five layouts" 60 \
     "$PYTHON" benchmarks/optimizer_step.py --device cuda --rounds 7 --no-first-step
-part "4. whole training step, P2 P3 P4" 55 \
+part "4. whole training step, P2 P3 P4" 50 \
     "$PYTHON" benchmarks/problem_step_time.py --device cuda --problems p2,p3,p4 --precision 32,bf16 \
         --steps 10 --warmup 3 --rounds 3
-part "5. mini-batch variance estimate, whole step" 60 \
+part "5. mini-batch variance estimate, whole step" 45 \
     "$PYTHON" benchmarks/batch_variance_cost.py --whole-step --device cuda --rounds 5 --problems p1,p2,p4,transformer
+part "6. the step inside torch.compile (fullgraph) vs compiled Adam" 50 \
+    "$PYTHON" benchmarks/compiled_step.py --device cuda --sets wrn --methods m-sgd,m-svag,m-ssd-va,m-svag-mb --rounds 5
 
 echo
 if [ ${#failed[@]} -eq 0 ]; then

@@ -14,8 +14,10 @@ name (``MSGD``, ``MSSD``, ``MSVAG``, ``SVAG``, ``SSD``) or registry name (``m-sv
 ``--lr_scheduler`` any ``torch.optim.lr_scheduler`` class.
 
 Callbacks the project adds by default (so that the configs stay free of them and Lightning's
-own flags keep working): ``ModelCheckpoint(save_last=True)`` unless
-``--trainer.enable_checkpointing false`` or another ``ModelCheckpoint`` is configured,
+own flags keep working): a ``ModelCheckpoint`` that keeps one file, ``last.ckpt``, saved every
+``--checkpoint_every`` minutes (default 5) and at every epoch end, overwritten in place by a
+resumed run (:func:`run_checkpoint`), unless ``--trainer.enable_checkpointing false`` or
+another ``ModelCheckpoint`` is configured,
 ``LearningRateMonitor`` unless ``--trainer.logger false``, and the fault-tolerance callbacks
 of :mod:`lightning_msvag.fault_tolerance` (exact mid-epoch resume, checked checkpoints,
 a checkpoint and a non-zero exit on SIGTERM / SIGUSR1; docs/long_runs.md).
@@ -46,6 +48,7 @@ import re
 import shutil
 import sys
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -62,6 +65,7 @@ from .errors import UserError
 from .fault_tolerance import (
     RULE_SETTINGS,
     CheckpointError,
+    checkpoint_hyperparameters,
     checkpoint_optimizer_classes,
     checkpoint_optimizer_settings,
     fault_tolerance_callbacks,
@@ -81,7 +85,25 @@ def _configs_root() -> Path:
     return Path(__file__).resolve().parents[1] / "configs"
 
 
-def default_callbacks(trainer_config: dict, optimizer: Any = None) -> list:
+#: Minutes between the periodic ``last.ckpt`` saves the command's checkpoint makes by default
+#: (``--checkpoint_every``): a killed run loses at most this much work (docs/long_runs.md).
+CHECKPOINT_EVERY_MINUTES = 5.0
+
+
+def run_checkpoint(every_minutes: float = CHECKPOINT_EVERY_MINUTES) -> ModelCheckpoint:
+    """The command's checkpoint: one file, ``last.ckpt``, written every ``every_minutes`` of
+    training (0: no periodic saves) and at the end of every epoch and validation, and
+    overwritten in place, also by a resumed run (no ``last-v1.ckpt``, no second copy named
+    after the epoch: a resume finds the state it continues, and a save is one file)."""
+    if every_minutes < 0:
+        raise ValueError(f"--checkpoint_every must be >= 0 minutes, got {every_minutes}")
+    interval = timedelta(minutes=every_minutes) if every_minutes > 0 else None
+    return ModelCheckpoint(save_top_k=0, save_last=True, enable_version_counter=False, train_time_interval=interval,
+                           every_n_epochs=None if interval else 1)
+
+
+def default_callbacks(trainer_config: dict, optimizer: Any = None,
+                      checkpoint_every: float = CHECKPOINT_EVERY_MINUTES) -> list:
     """The callbacks the project adds to ``trainer_config`` (see the module docstring);
     ``optimizer``: the config's optimizer entry (class_path, init_args)."""
     configured = list(trainer_config.get("callbacks") or [])
@@ -91,7 +113,7 @@ def default_callbacks(trainer_config: dict, optimizer: Any = None) -> list:
         added.append(BatchVarianceCallback())
     checkpointing = trainer_config.get("enable_checkpointing") is not False
     if checkpointing and not any(isinstance(c, ModelCheckpoint) for c in configured):
-        added.append(ModelCheckpoint(save_last=True))
+        added.append(run_checkpoint(checkpoint_every))
     if trainer_config.get("logger") is not False and not any(isinstance(c, LearningRateMonitor) for c in configured):
         # per logged step (log_every_n_steps), so a run resumed mid-epoch logs it too
         added.append(LearningRateMonitor(logging_interval="step"))
@@ -157,6 +179,13 @@ class MSVAGCLI(LightningCLI):
         self.__dict__.setdefault("made_parsers", []).append(parser)
         return parser
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--checkpoint_every", type=float, default=CHECKPOINT_EVERY_MINUTES,
+            help="minutes of training between the periodic saves of last.ckpt (besides every epoch end); "
+                 "0: only at epoch ends. Ignored when the config has a ModelCheckpoint of its own.",
+        )
+
     def subcommand_parser(self, subcommand: Optional[str]) -> Optional[LightningArgumentParser]:
         """The parser of ``subcommand`` (the main one for ``None``), for error messages."""
         made = self.__dict__.get("made_parsers", [])
@@ -179,10 +208,14 @@ class MSVAGCLI(LightningCLI):
         if ckpt_path == "last":
             ckpt_path = _resolve_last(config, subcommand)
             config.ckpt_path = ckpt_path
+        if ckpt_path and not Path(ckpt_path).is_file():
+            # refused here, before the trainer makes a run folder for a resume that cannot happen
+            raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file" + (" (a folder?)" if Path(ckpt_path).exists() else ""))
         if ckpt_path and Path(ckpt_path).is_file():
             # LightningCLI unpickles the checkpoint's hyperparameters right after parsing, before
             # any callback runs: refuse a damaged archive here, in one line (docs/long_runs.md)
             verify_checkpoint_archive(ckpt_path)
+            _refuse_another_model(config, Path(ckpt_path))
             if subcommand == "fit":
                 _refuse_another_optimizer(config, Path(ckpt_path))
             _continue_logger_folder(config, Path(ckpt_path))
@@ -194,7 +227,9 @@ class MSVAGCLI(LightningCLI):
         trainer_config = {**config.get("trainer", {}), **kwargs}
         configured = list(trainer_config.get("callbacks") or [])
         optimizer = _get(self.config[self.subcommand] if self.subcommand else self.config, "optimizer")
-        callbacks = configured + default_callbacks(trainer_config, optimizer)
+        every = _get(self.config[self.subcommand] if self.subcommand else self.config, "checkpoint_every",
+                     CHECKPOINT_EVERY_MINUTES)
+        callbacks = configured + default_callbacks(trainer_config, optimizer, float(every))
         if self.model is not None and any(isinstance(c, BatchVarianceCallback) for c in callbacks):
             # refuse a model the estimate cannot serve before the trainer (and its run folder) exists
             BatchVarianceCallback.check(self.model, trainer_config.get("accumulate_grad_batches") or 1,
@@ -325,6 +360,40 @@ def _import_class(path: str) -> Optional[type]:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         return None
+
+
+def _plain(value: Any) -> Any:
+    """A config or hyperparameter value in comparable form (tuples as lists)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _refuse_another_model(config: Any, ckpt_path: Path) -> None:
+    """The checkpoint continues its own model: LightningCLI would take the model's class and
+    arguments from the checkpoint over the command line and the config, silently. Another problem's
+    checkpoint, or one trained with other model arguments than this command line asks for, is
+    refused in one line naming them, before anything is built (docs/long_runs.md)."""
+    saved = checkpoint_hyperparameters(ckpt_path)
+    model = _get(config, "model")
+    wanted_class = str(_get(model, "class_path", ""))
+    saved_class = str(saved.pop("_class_path", "") or "")
+    if saved_class and wanted_class and saved_class != wanted_class:
+        raise CheckpointError(
+            f"checkpoint {ckpt_path} is another problem's: it holds a {saved_class.rpartition('.')[2]} ({saved_class}), "
+            f"this config trains {wanted_class}; use the config it was trained with, or no --ckpt_path"
+        )
+    init = _get(model, "init_args")
+    differing = []
+    for key, value in sorted(saved.items()):
+        wanted = _get(init, key)
+        if wanted is not None and _plain(wanted) != _plain(value):
+            differing.append(f"{key}={value!r} (this run: {wanted!r})")
+    if differing:
+        raise CheckpointError(
+            f"checkpoint {ckpt_path} was trained with {', '.join(differing)}; a resume continues the checkpoint's "
+            "model: drop those --model options, or start a new run without --ckpt_path"
+        )
 
 
 def _refuse_another_optimizer(config: Any, ckpt_path: Path) -> None:
@@ -557,6 +626,9 @@ def usage_error_message(text: str, parser: Optional[LightningArgumentParser], su
         key = re.search(r'Parser key "([\w.]+)":\s*(.*)', reason, re.S)
         if key:
             detail = " ".join(key.group(2).split())
+            number = re.search(r"Expected a <class '(float|int)'>\. Got value: ([-+]?(?:nan|inf|infinity))\b", detail, re.I)
+            if number:  # jsonargparse refuses the non-finite float; say why it could not be taken either
+                return f"--{group}.{key.group(1)}: must be a finite number, got {number.group(2)} ({class_path})"
             detail = re.sub(r"Expected a <class '(\w+)'>\. Got value: (.*)", r"expected \1, got '\2'", detail)
             return f"--{group}.{key.group(1)}: {detail} ({class_path})"
         bad = re.search(r"Option '([\w.]+)' is not accepted", reason)

@@ -49,6 +49,7 @@ __all__ = [
     "PreemptionCheckpoint",
     "check_checkpoint_contents",
     "checkpoint_optimizer_classes",
+    "checkpoint_hyperparameters",
     "checkpoint_optimizer_settings",
     "fault_tolerance_callbacks",
     "rng_state",
@@ -312,6 +313,13 @@ def checkpoint_optimizer_settings(path: "str | os.PathLike") -> List[Dict[str, A
                     settings[key] = value
         found.append(settings)
     return found
+
+
+def checkpoint_hyperparameters(path: "str | os.PathLike") -> Dict[str, Any]:
+    """The model's saved hyperparameters in the checkpoint at ``path`` (with ``_class_path``
+    when the command built the model); ``{}`` if none or unreadable."""
+    found = _read_checkpoint(Path(path)).get("hyper_parameters")
+    return dict(found) if isinstance(found, dict) else {}
 
 
 def _read_checkpoint(path: Path) -> Dict[str, Any]:

@@ -525,3 +525,81 @@ def test_the_transformer_config_trains_with_the_minibatch_estimate(tmp_path, tol
     tags = _scalar_tags(tmp_path / "logs" / "tolstoi_transformer")
     assert "gamma/all/mean" in tags and all(0.0 < v <= 1.0 for v in tags["gamma/all/mean"])
     assert len(tags["train/loss"]) == 8
+
+
+# ------------------------------------------------------------ issue 25: runs a researcher can leave alone
+def test_a_killed_run_resumes_from_its_periodic_checkpoint(tmp_path, tolstoi_dir):
+    """kill -9 (OOM killer, node failure) in the middle of an epoch: the periodic last.ckpt
+    (--checkpoint_every minutes; here 0.005, 0.3 s) is there, one file, and --ckpt_path last
+    continues from it in the same version folder."""
+    import signal as _signal
+    import time
+
+    logs = tmp_path / "logs"
+    args = ["fit", "--config", str(CONFIGS / "tolstoi_char_rnn.yaml"), "--data.data_dir", str(tolstoi_dir),
+            "--trainer.max_steps", "1000", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(logs), "--checkpoint_every", "0.005"]
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_msvag", *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = logs / "tolstoi_char_rnn" / "version_0" / "checkpoints" / "last.ckpt"
+    step = 0
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if last.exists():
+                try:
+                    step = torch.load(last, weights_only=True, map_location="cpu")["global_step"]
+                except Exception:  # caught mid-write: try again
+                    step = 0
+                if step >= 5:
+                    break
+            time.sleep(0.5)
+        assert proc.poll() is None and step >= 5, "no periodic checkpoint within the epoch"
+        proc.send_signal(_signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    saved = torch.load(last, weights_only=True, map_location="cpu")["global_step"]
+    assert 5 <= saved < 1000
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]  # one file per save
+    result = _run_command([*args[:5], "--trainer.max_steps", str(saved + 2), *args[7:], "--ckpt_path", "last"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming {last}" in result.stderr
+    assert torch.load(last, weights_only=True)["global_step"] == saved + 2  # the resumed run overwrote it
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_a_resume_keeps_the_checkpoints_model_or_says_why_not(tmp_path, tolstoi_dir, capsys):
+    """A checkpoint trained with hidden_size 128 resumed with --model.hidden_size 64, or under another
+    problem's config: one line each, exit 1, nothing trained, no run folder of the other problem
+    (LightningCLI would take the checkpoint's model over the command line, silently)."""
+    assert main(_tiny_fit(tmp_path, tolstoi_dir, 2)) == 0
+    last = tmp_path / "logs" / "tolstoi_char_rnn" / "version_0" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    assert main(_tiny_fit(tmp_path, tolstoi_dir, 4, "--model.hidden_size", "64", "--ckpt_path", str(last))) == 1
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert "was trained with hidden_size=128 (this run: 64)" in line
+    args = ["fit", "--config", str(CONFIGS / "cifar10_3c3d.yaml"), "--data.data_dir", str(tmp_path / "cifar"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--ckpt_path", str(last)]
+    assert main(args) == 1
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert "is another problem's: it holds a CharLSTM" in line and "ThreeC3D" in line
+    assert not (tmp_path / "logs" / "cifar10_3c3d").exists()
+    assert torch.load(last, weights_only=True)["global_step"] == 2  # nothing trained
+
+
+def test_a_checkpoint_that_is_not_there_is_refused_before_anything_is_written(tmp_path, tolstoi_dir, capsys):
+    assert main(_tiny_fit(tmp_path, tolstoi_dir, 2, "--ckpt_path", str(tmp_path / "nothere.ckpt"))) == 1
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert line.endswith("nothere.ckpt: no such file")
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_non_finite_learning_rate_is_named_as_such(tmp_path):
+    """--optimizer.lr nan: "must be a finite number", not jsonargparse's "expected float" (a usage
+    error: exit status 2)."""
+    result = _run_command([*_FIT_TWO_STEPS, "--data.data_dir", str(tmp_path / "data"), "--optimizer.lr", "nan"], tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lightning-msvag: error:")]
+    assert errors == ["lightning-msvag: error: --optimizer.lr: must be a finite number, got nan (lightning_msvag.MSVAG)"]
