@@ -195,15 +195,21 @@ class MSVAGCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         self.argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
+        files = _config_files(self.argv)
+        for path in files:
+            _check_config_file(path)
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as error:
             subcommand = next((a for a in self.argv if a in _SUBCOMMANDS), None)
-            raise UsageError(usage_error_message(str(error), self.subcommand_parser(subcommand), subcommand)) from None
+            raise UsageError(usage_error_message(str(error), self.subcommand_parser(subcommand), subcommand,
+                                                 files)) from None
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
         config = self.config[subcommand]
+        _follow_default_root_dir(config, self.argv)
+        _check_output_folders(config)
         ckpt_path = last = config.get("ckpt_path")
         if ckpt_path == "last":
             ckpt_path = _resolve_last(config, subcommand)
@@ -297,6 +303,35 @@ def _checkpoint_folders(config: Any) -> Tuple[List[Path], Optional[str]]:
     if _get(trainer, "logger") is False:
         return [folder], str(folder)
     return [], None
+
+
+def _follow_default_root_dir(config: Any, argv: Sequence[str]) -> None:
+    """``--trainer.default_root_dir DIR``: the config's logger writes below DIR too (its relative
+    ``save_dir`` is taken inside DIR), unless the command line gives the logger's ``save_dir``."""
+    root = _get(_get(config, "trainer"), "default_root_dir")
+    if not root or any(a.startswith(("--trainer.logger.init_args.save_dir", "--trainer.logger.save_dir")) for a in argv):
+        return
+    init, _ = _logger_run_root(config)
+    if init is None:
+        return
+    save_dir = Path(str(_get(init, "save_dir", ".")))
+    if not save_dir.is_absolute():
+        init.save_dir = str(Path(str(root)) / save_dir)
+
+
+def _check_output_folders(config: Any) -> None:
+    """The folders the run will write (the logger's, ``default_root_dir``): one line naming the path
+    if one cannot be made or written — a file in the way, no permission — before anything starts."""
+    _, run_root = _logger_run_root(config)
+    folders = [Path(str(_get(_get(config, "trainer"), "default_root_dir", ".")))] + ([run_root] if run_root else [])
+    for folder in folders:
+        existing = folder.absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UserError(f"output folder {folder}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"output folder {folder}: {existing} is not writable")
 
 
 def _resolve_last(config: Any, subcommand: str) -> Optional[str]:
@@ -599,10 +634,70 @@ def _init_parameters(class_path: str) -> List[str]:
         return []
 
 
-def usage_error_message(text: str, parser: Optional[LightningArgumentParser], subcommand: Optional[str]) -> str:
+def _config_files(argv: List[str]) -> List[Path]:
+    """The files of ``--config FILE`` / ``-c FILE`` / ``--config=FILE`` on the command line that exist."""
+    found = []
+    for i, token in enumerate(argv):
+        value = token.split("=", 1)[1] if token.startswith("--config=") else (
+            argv[i + 1] if token in ("--config", "-c") and i + 1 < len(argv) else None)
+        if value and Path(value).is_file():
+            found.append(Path(value))
+    return found
+
+
+def _check_config_file(path: Path) -> None:
+    """A config file that is not UTF-8 or not YAML: one line with the file and where (exit 2),
+    before jsonargparse reads it without its name."""
+    import yaml
+
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise UsageError(f"config {path}, line {line}: not UTF-8 text ({error.reason}, byte {raw[error.start]:#04x}); "
+                         "save it as UTF-8") from None
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UsageError(f"config {path}{where}: not valid YAML ({problem})") from None
+
+
+def _key_in_files(key: str, files: Sequence[Path]) -> Optional[Path]:
+    """The config file (the last, as for values) that holds the dotted ``key``."""
+    import yaml
+
+    parts = key.split(".")
+    for path in reversed(list(files)):
+        try:
+            node = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and parts[-1] in node:
+            return path
+    return None
+
+
+def usage_error_message(text: str, parser: Optional[LightningArgumentParser], subcommand: Optional[str],
+                        files: Sequence[Path] = ()) -> str:
     """jsonargparse's multi-line parser error as one line naming the bad value and the valid
-    choices, the closest first."""
+    choices, the closest first (and, for a key of a config file, the file)."""
     help_hint = f"'lightning-msvag {subcommand} --help'" if subcommand else "'lightning-msvag --help'"
+    m = re.search(r"does not accept option '([\w.]+)'", text)
+    if m:
+        key = m.group(1)
+        options = _options_of(parser)
+        group = "--" + key.rsplit(".", 1)[0] + "." if "." in key else "--"
+        close = [c[2:] for c in _close("--" + key, [o for o in options if o.startswith(group)] or options)]
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        source = _key_in_files(key, files)
+        where = f"config {source}: " if source is not None else ""
+        return f"{where}unknown key {key}; {hint}{help_hint} lists the options"
     m = re.match(r"unrecognized arguments: (\S+)", text)
     if m:
         option = m.group(1).split("=", 1)[0]

@@ -603,3 +603,39 @@ def test_a_non_finite_learning_rate_is_named_as_such(tmp_path):
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("lightning-msvag: error:")]
     assert errors == ["lightning-msvag: error: --optimizer.lr: must be a finite number, got nan (lightning_msvag.MSVAG)"]
+
+
+def test_default_root_dir_takes_the_logs_and_checkpoints(tmp_path, tolstoi_dir):
+    """--trainer.default_root_dir DIR: the config's logger (save_dir lightning_logs) writes below DIR,
+    not below the working folder; an explicit --trainer.logger.init_args.save_dir still wins."""
+    args = ["fit", "--config", str(CONFIGS / "tolstoi_char_rnn.yaml"), "--data.data_dir", str(tolstoi_dir),
+            "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]
+    result = _run_command([*args, "--trainer.default_root_dir", "out"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "out" / "lightning_logs" / "tolstoi_char_rnn" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+@pytest.mark.parametrize("where", ["default_root_dir", "save_dir"])
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, where):
+    (tmp_path / "afile").write_text("in the way")
+    option = "--trainer.default_root_dir" if where == "default_root_dir" else "--trainer.logger.init_args.save_dir"
+    result = _run_command([*_FIT_TWO_STEPS, "--data.data_dir", str(tmp_path / "data"), option, "afile/sub"], tmp_path)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lightning-msvag: error:")]
+    assert len(errors) == 1 and "output folder afile/" in errors[0] and "afile is a file, not a folder" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"trainer:\n  max_stepz: 3\n", "config {}: unknown key trainer.max_stepz; did you mean trainer.max_steps"),
+    (b"trainer:\n  max_steps: [3\n", "config {}, line 3, column 1: not valid YAML"),
+    (b"trainer:\n  max_steps: 3 # \xff\xfe\n", "config {}, line 2: not UTF-8 text"),
+], ids=["unknown-key", "broken-yaml", "not-utf8"])
+def test_a_mistake_in_a_config_file_names_the_file_and_where(tmp_path, content, message):
+    bad = tmp_path / "mine.yaml"
+    bad.write_bytes(content)
+    result = _run_command([*_FIT_TWO_STEPS, "--config", str(bad)], tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lightning-msvag: error:")]
+    assert len(errors) == 1 and message.format(bad) in errors[0], result.stderr[-1500:]
