@@ -97,6 +97,10 @@ class ImageDataModule(pl.LightningDataModule):
     input_shape: Tuple[int, int, int] = (0, 0, 0)
     #: Meaning of ``dataloader_idx`` in ``validation_step``: 0 = train-eval, 1 = test.
     val_dataloader_names: Tuple[str, str] = ("train_eval", "test")
+    #: ``(training, test)`` sizes of the real data set, and the shape of one stored uint8 image
+    #: (what ``synthetic=True`` makes up in their place).
+    split_sizes: Tuple[int, int] = (0, 0)
+    stored_shape: Tuple[int, ...] = ()
 
     def __init__(
         self,
@@ -107,12 +111,14 @@ class ImageDataModule(pl.LightningDataModule):
         download: bool,
         pin_memory: bool,
         drop_last: bool,
+        synthetic: bool = False,
     ) -> None:
         super().__init__()
         check_common_args(data_dir, batch_size, num_workers, seed, download)
-        for name, value in (("pin_memory", pin_memory), ("drop_last", drop_last)):
+        for name, value in (("pin_memory", pin_memory), ("drop_last", drop_last), ("synthetic", synthetic)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
+        self.synthetic = synthetic
         self.data_dir = str(data_dir)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
@@ -138,6 +144,14 @@ class ImageDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     # ----------------------------------------------------------------- Lightning hooks
+    def _synthetic_split(self, train: bool) -> Tuple[Any, Any]:
+        """Random uint8 images of the stored shape and random labels, as many as the real split
+        (seeded by ``seed``): the real pipeline (transforms, loaders) on made-up data."""
+        n = self.split_sizes[0 if train else 1]
+        generator = torch.Generator().manual_seed(self.seed * 2 + (0 if train else 1))
+        images = torch.randint(0, 256, (n, *self.stored_shape), dtype=torch.uint8, generator=generator)
+        return images, torch.randint(0, self.num_classes, (n,), generator=generator)
+
     def prepare_data(self) -> None:
         """Check the files on disk; download the missing ones if ``download=True``.
 
@@ -145,7 +159,8 @@ class ImageDataModule(pl.LightningDataModule):
         failed; the message lists the exact paths to place) or
         :class:`~lightning_msvag.datamodules.DataIntegrityError` (a present file has the wrong content).
         """
-        self._ensure_files(download=self.download)
+        if not self.synthetic:
+            self._ensure_files(download=self.download)
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Load both splits into memory and build the train / train-eval / test data sets.
@@ -156,9 +171,17 @@ class ImageDataModule(pl.LightningDataModule):
         per_rank_batch_size(self.batch_size, distributed_shard(self.trainer)[1], type(self).__name__)
         if self.train_dataset is not None:
             return
-        self._ensure_files(download=False)
-        train_images, train_targets = self._load_split(train=True)
-        test_images, test_targets = self._load_split(train=False)
+        if self.synthetic:
+            from pytorch_lightning.utilities import rank_zero_warn
+
+            rank_zero_warn(f"{type(self).__name__}(synthetic=True): random images and labels of the real shapes and "
+                           "sizes, to try a config or time it without the data; not for science")
+            load = self._synthetic_split
+        else:
+            self._ensure_files(download=False)
+            load = self._load_split
+        train_images, train_targets = load(train=True)
+        test_images, test_targets = load(train=False)
         n_train, n_test = len(train_targets), len(test_targets)
         if self.drop_last and n_train < self.batch_size:
             raise ValueError(

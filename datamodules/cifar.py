@@ -26,6 +26,8 @@ class _CIFARDataModule(ImageDataModule):
     dataset_cls: Type[CIFAR10] = CIFAR10
     num_classes = 10
     input_shape = (3, 32, 32)
+    split_sizes = (50_000, 10_000)
+    stored_shape = (32, 32, 3)
 
     def __init__(
         self,
@@ -38,8 +40,9 @@ class _CIFARDataModule(ImageDataModule):
         drop_last: bool = True,
         augment: bool = True,
         pixel_range: float = 1.0,
+        synthetic: bool = False,
     ) -> None:
-        super().__init__(data_dir, batch_size, num_workers, seed, download, pin_memory, drop_last)
+        super().__init__(data_dir, batch_size, num_workers, seed, download, pin_memory, drop_last, synthetic)
         if not isinstance(augment, bool):
             raise ValueError(f"augment must be True or False, got {augment!r}")
         if isinstance(pixel_range, bool) or not isinstance(pixel_range, (int, float)) or not pixel_range > 0:
@@ -191,6 +194,9 @@ class CIFAR10DataModule(_CIFARDataModule):
             ``[0, 255]`` exactly like DeepOBS' TensorFlow code (where the ±63/255 brightness
             jitter is negligible).  Outputs are standardised per image either way.  See
             :mod:`lightning_msvag.datamodules.transforms`.
+        synthetic: Random images and labels of the data set's shapes and sizes instead of the
+            files (nothing read or downloaded): to try the config, or time it, without the data.
+            Not for science.
     """
 
     dataset_cls = CIFAR10
@@ -227,6 +233,9 @@ class CIFAR100DataModule(_CIFARDataModule):
             ``[0, 255]`` exactly like DeepOBS' TensorFlow code (where the ±63/255 brightness
             jitter is negligible).  Outputs are standardised per image either way.  See
             :mod:`lightning_msvag.datamodules.transforms`.
+        synthetic: Random images and labels of the data set's shapes and sizes instead of the
+            files (nothing read or downloaded): to try the config, or time it, without the data.
+            Not for science.
     """
 
     dataset_cls = CIFAR100

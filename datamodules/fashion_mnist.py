@@ -96,10 +96,15 @@ class FashionMNISTDataModule(ImageDataModule):
         download: Download missing files in :meth:`prepare_data` (never over present files).
         pin_memory: Passed to the data loaders.
         drop_last: Drop the last incomplete training batch (DeepOBS does; 60000 = 468*128 + 96).
+        synthetic: Random images and labels of Fashion-MNIST's shapes and sizes instead of the files
+            (nothing read or downloaded): to try the config, or time it, without the data. Not for
+            science.
     """
 
     num_classes = 10
     input_shape = (1, 28, 28)
+    split_sizes = (60_000, 10_000)
+    stored_shape = (28, 28)
 
     def __init__(
         self,
@@ -110,8 +115,9 @@ class FashionMNISTDataModule(ImageDataModule):
         download: bool = True,
         pin_memory: bool = False,
         drop_last: bool = True,
+        synthetic: bool = False,
     ) -> None:
-        super().__init__(data_dir, batch_size, num_workers, seed, download, pin_memory, drop_last)
+        super().__init__(data_dir, batch_size, num_workers, seed, download, pin_memory, drop_last, synthetic)
         self.save_hyperparameters()
 
     @property

@@ -778,3 +778,22 @@ def test_cifar_eval_transform_is_standardisation_only():
         expected = (x - x.mean()) / max(float(x.std(unbiased=False)), 1 / math.sqrt(3072))
         torch.testing.assert_close(cifar_eval_transform(pixel_range)(img).double(), expected, atol=1e-5, rtol=0)
     assert lightning_msvag.datamodules.transforms.CIFAR_BRIGHTNESS_MAX_DELTA == 63 / 255
+
+@pytest.mark.parametrize("cls,train,test,shape,classes", [
+    (FashionMNISTDataModule, 60_000, 10_000, (1, 28, 28), 10),
+    (CIFAR10DataModule, 50_000, 10_000, (3, 32, 32), 10),
+    (CIFAR100DataModule, 50_000, 10_000, (3, 32, 32), 100),
+])
+def test_synthetic_data_has_the_real_shapes_and_sizes_and_reads_no_file(tmp_path, cls, train, test, shape, classes):
+    """synthetic=True: no file read or downloaded (an empty data_dir, download off), the sizes,
+    shapes and classes of the real set, through the real transforms and loaders; said once."""
+    dm = cls(data_dir=str(tmp_path / "none"), batch_size=16, download=False, synthetic=True)
+    dm.prepare_data()
+    with pytest.warns(UserWarning, match=r"synthetic=True\): random images and labels .* not for science"):
+        dm.setup("fit")
+    assert (len(dm.train_dataset), len(dm.test_dataset), len(dm.train_eval_dataset)) == (train, test, test)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, *shape) and x.dtype == torch.float32 and 0 <= int(y.min()) and int(y.max()) < classes
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(ValueError, match="synthetic must be True or False"):
+        cls(data_dir=str(tmp_path), synthetic="yes")
