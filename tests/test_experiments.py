@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import sys
 import stat
 import types
 from pathlib import Path
@@ -544,3 +545,56 @@ def test_a_run_of_a_table_row_with_arguments_gets_them(tmp_path, method):
     assert init_args["lr"] == 0.01
     needs = get_method(method).init_args.get("variance") == "minibatch"
     assert any(isinstance(c, BatchVarianceCallback) for c in cli.trainer.callbacks) == needs
+
+
+def _processes_in(folder):
+    """PIDs of live processes whose working folder is below ``folder`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(Path(os.readlink(entry / "cwd"))).startswith(str(folder)):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_benchmark_runner_and_its_runs(tmp_path, tolstoi_dir):
+    """A real SIGTERM to a real `reproduce benchmark`: the run in progress is stopped (no process of
+    it left), recorded as interrupted, the runner exits 143; a second runner on the same runs is
+    refused in one line while the first holds them."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "sweep"
+    argv = [sys.executable, "-m", "lightning_msvag", "reproduce", "benchmark", "--out", str(out),
+            "--config", str(REPO / "configs" / "tolstoi_char_rnn.yaml"), "--data-dir", str(tolstoi_dir),
+            "--methods", "m-sgd", "--grid", "m-sgd=0.1", "--num-seeds", "1", "--max-steps", "5000", "--no-progress"]
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    runner = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        records = []
+        while time.time() < deadline and not records:
+            records = [p for p in out.rglob("record.json")] if out.exists() else []
+            time.sleep(0.5)
+        assert records, "no run started"
+        time.sleep(3)
+        second = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0 and "a second runner on the same runs is refused" in second.stderr
+        assert len([line for line in second.stderr.splitlines() if "error" in line]) == 1
+        assert _processes_in(out / "runs"), "the run process is not running"
+        runner.send_signal(signal.SIGTERM)
+        _, err = runner.communicate(timeout=120)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert runner.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err
+    time.sleep(1)
+    assert not _processes_in(out / "runs")  # no orphan
+    record = json.loads(records[0].read_text())
+    assert record["status"] == "interrupted" and "SIGTERM" in record["error"]

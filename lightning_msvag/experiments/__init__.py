@@ -22,6 +22,8 @@ import argparse
 import sys
 from typing import List, Optional
 
+from ..errors import UserError
+
 __all__ = ["main", "build_parser", "EXPERIMENTS"]
 
 #: Experiment name -> (module, one-line help).
@@ -67,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     module = _module(args.experiment)
     try:
         result = module.run(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, UserError) as exc:
         print(f"lightning-msvag reproduce {args.experiment}: error: {exc}", file=sys.stderr)
         return 2
     if isinstance(result, dict) and "exit_code" in result:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -15,11 +16,74 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ...errors import UserError
 from .._common import read_json, write_json
 from .config import BenchmarkConfig, format_lr
 from .plan import FINISHED, RunSpec, final_metric, fit_argv, is_finished, load_record, run_dir, settings
 
-__all__ = ["execute_run", "execute", "progress"]
+__all__ = ["execute_run", "execute", "progress", "RunBusy", "Interrupted", "stop_runs"]
+
+
+class RunBusy(UserError):
+    """Another live process holds a run of this sweep (a second runner on the same runs)."""
+
+
+class Interrupted(Exception):
+    """The runner was asked to stop (SIGTERM, Ctrl-C): its runs were stopped and recorded."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: The run processes alive now, and whether the runner has been asked to stop.
+_children: "set[subprocess.Popen]" = set()
+_children_lock = threading.Lock()
+_stopping: List[int] = []
+
+
+def stop_runs(signum: int, grace: float = 30.0) -> None:
+    """Stop the runner (safe in a signal handler: it neither waits nor takes a lock a waiting
+    thread may hold): no new run starts, every run process gets SIGTERM (it writes its checkpoint
+    and exits), and SIGKILL after ``grace`` seconds; the runs are recorded as ``interrupted``."""
+    if not _stopping:
+        _stopping.append(signum)
+    children = list(_children)
+    for child in children:
+        child.send_signal(signal.SIGTERM)
+
+    def kill_the_rest() -> None:
+        time.sleep(grace)
+        for child in children:
+            if child.returncode is None:
+                try:
+                    os.kill(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    threading.Thread(target=kill_the_rest, daemon=True).start()
+
+
+def _lock_run(folder: Path):
+    """An exclusive lock on the run (a file beside its folder, held while it runs): a second runner
+    of the same runs is refused in one line; the lock goes with the process that holds it."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(folder.parent / f".{folder.name}.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunBusy(f"{folder} is being run by {holder}: a second runner on the same runs is refused; "
+                      "wait for it, or stop it and run the same command again") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[3]  # benchmark/ -> experiments/ -> lightning_msvag/ -> repo
 
@@ -53,6 +117,14 @@ def _child_env(cfg: BenchmarkConfig) -> Dict[str, str]:
 def execute_run(cfg: BenchmarkConfig, out: Path, spec: RunSpec) -> dict:
     """Run one (method, lr, seed) from scratch and return its (finalised) record."""
     folder = run_dir(out, spec)
+    lock = _lock_run(folder)
+    try:
+        return _execute_locked(cfg, folder, spec, lock.fileno())
+    finally:
+        lock.close()
+
+
+def _execute_locked(cfg: BenchmarkConfig, folder: Path, spec: RunSpec, lock_fd: int) -> dict:
     if folder.exists():
         shutil.rmtree(folder)  # an unfinished/failed/stale attempt of this same run
     folder.mkdir(parents=True)
@@ -67,12 +139,21 @@ def execute_run(cfg: BenchmarkConfig, out: Path, spec: RunSpec) -> dict:
     if cfg.launcher == "subprocess":
         cmd = [cfg.python or sys.executable, "-m", "lightning_msvag.cli", *argv]
         with open(log, "w", encoding="utf-8") as f:
+            # the run holds its lock too (the inherited descriptor): a run whose runner was killed
+            # outright keeps it while it lives, and no second runner starts it beside it
+            child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=folder, env=_child_env(cfg),
+                                     pass_fds=(lock_fd,))
+            with _children_lock:
+                _children.add(child)
             try:
-                proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=folder, env=_child_env(cfg),
-                                      timeout=cfg.run_timeout)
-                returncode = proc.returncode
+                returncode = child.wait(timeout=cfg.run_timeout)
             except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
                 error = f"timed out after {cfg.run_timeout} s"
+            finally:
+                with _children_lock:
+                    _children.discard(child)
     else:  # in-process: for tests and debugging; one failure cannot stop the sweep either
         from lightning_msvag.cli import main as cli_main
 
@@ -88,7 +169,10 @@ def execute_run(cfg: BenchmarkConfig, out: Path, spec: RunSpec) -> dict:
     wall = time.perf_counter() - t0
     rec = read_json(folder / "record.json") or {}
     status = rec.get("status")
-    if status not in FINISHED or (returncode not in (0, None) and status != "diverged"):
+    if _stopping and status not in FINISHED:
+        rec["status"] = "interrupted"
+        rec["error"] = f"stopped by {signal.Signals(_stopping[0]).name} to the runner (exit code {returncode})"
+    elif status not in FINISHED or (returncode not in (0, None) and status != "diverged"):
         rec["status"] = "failed"
         rec["error"] = rec.get("error") or error or f"exit code {returncode}; log tail:\n{_tail(log)}"
     rec["spec"] = spec_info
@@ -136,6 +220,8 @@ def execute(cfg: BenchmarkConfig, out: Path, chains: List[List[RunSpec]], bar, l
 
     def run_chain(chain: List[RunSpec]) -> None:
         for k, spec in enumerate(chain):
+            if _stopping:
+                return
             if is_finished(cfg, out, spec):
                 with lock:
                     counts["reused"] += 1
@@ -165,4 +251,6 @@ def execute(cfg: BenchmarkConfig, out: Path, chains: List[List[RunSpec]], bar, l
         with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
             for fut in as_completed([pool.submit(run_chain, c) for c in chains]):
                 fut.result()
+    if _stopping:
+        raise Interrupted(_stopping[0])
     return counts

@@ -10,7 +10,7 @@ from typing import Any, Dict, List
 from .._common import prepare_out, read_json, write_json
 from .collect import collect
 from .config import BenchmarkConfig, command_line
-from .launch import execute, progress
+from .launch import Interrupted, execute, progress, stop_runs
 from .plan import RunSpec, chains, is_finished, plan_replicate, plan_search, run_dir, select, settings
 from .report import write_report
 
@@ -36,7 +36,32 @@ def collect_and_report(cfg: BenchmarkConfig, out: Path) -> Dict[str, Any]:
 
 
 def run(args: "argparse.Namespace | BenchmarkConfig") -> Dict[str, Any]:
-    """Entry point of ``reproduce benchmark`` (see the package doc)."""
+    """Entry point of ``reproduce benchmark`` (see the package doc).
+
+    SIGTERM or Ctrl-C stops the runner and its run processes (each writes its checkpoint and is
+    recorded as ``interrupted``; none is left behind), and the runner exits with 128 + the signal
+    (143, 130); the same command continues the sweep. A run held by another live runner is
+    refused in one line."""
+    import signal
+    import threading
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, lambda number, frame: stop_runs(number))
+    try:
+        return _run(args)
+    except Interrupted as stop:
+        name = signal.Signals(stop.signum).name
+        print(f"benchmark: stopped by {name}: the runs in progress were stopped and recorded as interrupted; "
+              "the same command continues the sweep", file=sys.stderr, flush=True)
+        return {"exit_code": 128 + stop.signum}
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(args: "argparse.Namespace | BenchmarkConfig") -> Dict[str, Any]:
     cfg = args if isinstance(args, BenchmarkConfig) else BenchmarkConfig.from_namespace(args)
     cfg.validate()
     out = prepare_out(cfg.out).resolve()  # runs execute in their own folders: absolute paths
