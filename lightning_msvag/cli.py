@@ -195,7 +195,7 @@ class MSVAGCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         self.argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
-        files = _config_files(self.argv)
+        files = _existing_config_files(self.argv)
         for path in files:
             _check_config_file(path)
         try:
@@ -580,17 +580,26 @@ def prepare_argv(argv: List[str]) -> List[str]:
         config_cls = _optimizer_class(config_path) if config_path else None
         if config_cls is None or config_cls is cls:
             continue
-        method = next((m for m in _table() if m.cls is cls), None)
+        # the row named (svag-mb, not the first row of its class), else the class's row
+        method = row if row is not None else next((m for m in _table() if m.cls is cls), None)
         if method is None:
             raise UsageError(
                 f"--optimizer {value} replaces the config's {_class_label(config_cls)} whose lr {config_lr} "
                 f"is not a step size for it; give one with --optimizer.lr")
-        if not any(t.split("=", 1)[0] == "--ckpt_path" for t in out):  # a resume: the checkpoint's check speaks
+        resume = any(t.split("=", 1)[0] == "--ckpt_path" for t in out)  # a resume: the checkpoint's check speaks
+        if not resume and _as_float(config_lr) != float(method.default_lr):
             _say(f"--optimizer {value}: lr {method.default_lr} ({method.name}'s starting step size, "
                  f"configs/optimizers/{method.config}.yaml), not the config's {config_lr} for "
                  f"{_class_label(config_cls).split(' ')[0]}; --optimizer.lr sets another")
         out.insert(i + 2 if index != i else i + 1, f"--optimizer.lr={method.default_lr!r}")
     return out
+
+
+def _as_float(value: Any) -> Optional[float]:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _cli_value(value: Any) -> str:
@@ -634,15 +643,9 @@ def _init_parameters(class_path: str) -> List[str]:
         return []
 
 
-def _config_files(argv: List[str]) -> List[Path]:
-    """The files of ``--config FILE`` / ``-c FILE`` / ``--config=FILE`` on the command line that exist."""
-    found = []
-    for i, token in enumerate(argv):
-        value = token.split("=", 1)[1] if token.startswith("--config=") else (
-            argv[i + 1] if token in ("--config", "-c") and i + 1 < len(argv) else None)
-        if value and Path(value).is_file():
-            found.append(Path(value))
-    return found
+def _existing_config_files(argv: List[str]) -> List[Path]:
+    """The files of ``--config FILE`` on the command line that exist."""
+    return [Path(name) for _, name in _config_files(argv) if Path(name).is_file()]
 
 
 def _check_config_file(path: Path) -> None:

@@ -442,6 +442,26 @@ def test_switching_method_starts_from_its_own_step_size(tmp_path, capsys, option
     assert ("not the config's 1.0 for m-svag" in err) == switched, err
 
 
+@pytest.mark.parametrize("config,optimizer,notice", [
+    ("tolstoi_char_rnn.yaml", "svag-mb", "lr 0.1 (svag-mb's starting step size, configs/optimizers/svag_mb.yaml), "
+                                         "not the config's 1.0 for m-svag"),
+    ("fmnist_2c2d.yaml", "m-sgd", None),  # the config's 0.1 is m-sgd's own: nothing to say
+    ("fmnist_2c2d.yaml", "svag-mb", None),
+])
+def test_step_size_notice_names_the_row_and_is_silent_when_nothing_changes(tmp_path, capsys, config, optimizer,
+                                                                          notice):
+    """The notice cites the row named (svag-mb's file, not svag's) and says nothing when the method's
+    starting step size equals the config's."""
+    cli = build_cli(["--config", str(CONFIGS / config), "--data.data_dir", str(tmp_path), "--trainer.logger", "false",
+                     "--optimizer", optimizer], run=False)
+    assert cli.config["optimizer"]["init_args"]["lr"] == 0.1
+    err = capsys.readouterr().err
+    if notice is None:
+        assert "starting step size" not in err, err
+    else:
+        assert notice in err, err
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--optimizer", "m-svga"], ["unknown optimizer 'm-svga'; did you mean m-svag", "known: m-sgd, m-ssd, m-svag"]),
     (["--optimizer.lr", "abc"], ["--optimizer.lr: expected float, got 'abc'"]),
