@@ -167,6 +167,8 @@ class VarianceAdaptationMonitor(Callback):
             return
         self._last_logged_step = step
         scalars, hists = self.compute(pl_module, trainer.optimizers)
+        # The axis of Lightning's own self.log (batches that stepped, from 0): the γ after optimizer
+        # step k lands at k - 1, beside the loss of the batch that made update k (docs/monitoring.md).
         log_step = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
         log_step = getattr(log_step, "_batches_that_stepped", step - 1)
         if scalars:

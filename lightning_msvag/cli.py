@@ -18,7 +18,9 @@ own flags keep working): a ``ModelCheckpoint`` that keeps one file, ``last.ckpt`
 ``--checkpoint_every`` minutes (default 5) and at every epoch end, overwritten in place by a
 resumed run (:func:`run_checkpoint`), unless ``--trainer.enable_checkpointing false`` or
 another ``ModelCheckpoint`` is configured,
-``LearningRateMonitor`` unless ``--trainer.logger false``, and the fault-tolerance callbacks
+``LearningRateMonitor`` unless ``--trainer.logger false``, a progress bar that also shows the
+epoch's length in a fit resumed mid-epoch unless ``--trainer.enable_progress_bar false`` or
+another is configured, and the fault-tolerance callbacks
 of :mod:`lightning_msvag.fault_tolerance` (exact mid-epoch resume, checked checkpoints,
 a checkpoint and a non-zero exit on SIGTERM / SIGUSR1; docs/long_runs.md).
 
@@ -54,7 +56,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from . import __version__, available_optimizers
@@ -65,6 +67,7 @@ from .errors import UserError
 from .fault_tolerance import (
     RULE_SETTINGS,
     CheckpointError,
+    ResumedEpochProgressBar,
     checkpoint_hyperparameters,
     checkpoint_optimizer_classes,
     checkpoint_optimizer_settings,
@@ -117,6 +120,8 @@ def default_callbacks(trainer_config: dict, optimizer: Any = None,
     if trainer_config.get("logger") is not False and not any(isinstance(c, LearningRateMonitor) for c in configured):
         # per logged step (log_every_n_steps), so a run resumed mid-epoch logs it too
         added.append(LearningRateMonitor(logging_interval="step"))
+    if trainer_config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
+        added.append(ResumedEpochProgressBar())  # the epoch's length also after a mid-epoch resume
     # exact mid-epoch resume (RNG states), checkpoint checks, pre-emption (docs/long_runs.md)
     added.extend(cb for cb in fault_tolerance_callbacks() if not any(type(c) is type(cb) for c in configured))
     return added

@@ -36,6 +36,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.plugins.io import CheckpointIO
 
 from .resumable import ResumableDataLoader
@@ -112,6 +113,41 @@ def _resumable_loaders(trainer: Trainer) -> Iterator[ResumableDataLoader]:
 _LEGACY_RNG_KEY = "lightning_msvag_rng_states"
 
 
+def epoch_cut_short_counted_unfinished(checkpoint: Dict[str, Any]) -> bool:
+    """Rewrite the loop counts of a checkpoint written when a fit ended; return whether it was one.
+
+    When ``max_steps`` stops a fit, Lightning finishes the epoch it is in (end-of-epoch hooks,
+    the epoch counted processed and completed) and ``ModelCheckpoint`` writes ``last.ckpt`` from
+    ``on_train_end``. Lightning's restore does not expect those counts: inside an epoch, the rest
+    of the epoch's batches would run as the next epoch; at an epoch's last batch, one epoch
+    number and one logging step would be skipped. The counts are set to those of the checkpoint
+    written at the ``on_train_batch_end`` of the same batch, which Lightning restores as the
+    uninterrupted run goes on (tests/test_resume.py).
+    """
+    loops = checkpoint.get("loops")
+    fit_loop = loops.get("fit_loop") if isinstance(loops, dict) else None
+    if not isinstance(fit_loop, dict):
+        return False
+    batches = fit_loop.get("epoch_loop.batch_progress") or {}
+    epochs = fit_loop.get("epoch_progress") or {}
+    stepped = fit_loop.get("epoch_loop.state_dict") or {}
+    if not all(isinstance(c, dict) for c in (batches.get("current"), batches.get("total"),
+                                             epochs.get("current"), epochs.get("total"))):
+        return False
+    ended = all(len({c["ready"], c["started"], c["processed"], c["completed"]}) == 1
+                for c in (batches["current"], batches["total"], epochs["current"], epochs["total"]))
+    if not ended or batches["current"]["completed"] == 0 or epochs["current"]["ready"] == 0:
+        return False
+    for counts in (epochs["current"], epochs["total"]):
+        counts["processed"] = counts["completed"] = counts["ready"] - 1
+    for counts in (batches["current"], batches["total"]):
+        counts["completed"] -= 1
+    if "_batches_that_stepped" in stepped:
+        stepped["_batches_that_stepped"] -= 1
+    checkpoint["epoch"] = epochs["current"]["completed"]
+    return True
+
+
 class ExactResume(Callback):
     """Store each process's RNG states in checkpoints; restore them when a fit resumes.
 
@@ -130,6 +166,13 @@ class ExactResume(Callback):
     It also sets ``epoch_batches`` (= ``trainer.num_training_batches``) on the project's
     resumable training loaders, so that a checkpoint at the end of an epoch shortened by
     ``limit_train_batches`` resumes with the next epoch.
+
+    And it keeps the epoch count of a fit stopped by ``max_steps`` inside an epoch: Lightning
+    runs its end-of-epoch steps then and records the epoch as finished, so a checkpoint written
+    at that stop (``last.ckpt``) would resume the rest of the epoch's batches as the next epoch,
+    one epoch ahead of the data: ``current_epoch`` and the logged ``epoch`` off by one and a
+    ``max_epochs`` run one epoch short. Such a checkpoint is written (and, when an earlier one is
+    loaded, read) as the mid-epoch checkpoint it is (:func:`epoch_cut_short_counted_unfinished`).
     """
 
     def __init__(self) -> None:
@@ -144,7 +187,12 @@ class ExactResume(Callback):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._pending = state_dict
 
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
+        epoch_cut_short_counted_unfinished(checkpoint)
+
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Dict[str, Any]) -> None:
+        # Lightning restores the loops from this same dictionary after the callbacks' hooks
+        epoch_cut_short_counted_unfinished(checkpoint)
         # checkpoints of version 0.1.0 kept the states under a top-level key of their own
         # (a checkpoint holds either that key or the callback state, never both)
         if _LEGACY_RNG_KEY in checkpoint:
@@ -153,6 +201,13 @@ class ExactResume(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for loader in _resumable_loaders(trainer):
             loader.epoch_batches = trainer.num_training_batches
+        fit_loop = trainer.fit_loop
+        if fit_loop.restarted_mid_epoch and fit_loop.epoch_progress.current.processed == fit_loop.epoch_progress.current.ready:
+            # a checkpoint of an epoch's last batch: Lightning has just finished that epoch, yet
+            # would start the next one as if resuming inside it, without counting it ready and
+            # started and without the on_train_epoch_start hooks (progress bar, schedules, the
+            # user's hooks); counts that lag then mislead every later restore
+            fit_loop.reset_restart_stage()
         saved, self._pending = self._pending, None
         if saved is None:
             return
@@ -166,6 +221,22 @@ class ExactResume(Callback):
             )
             return
         set_rng_state(saved["ranks"][trainer.global_rank])
+
+
+class ResumedEpochProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, which also shows the epoch's name and length in a fit resumed inside an epoch.
+
+    Lightning does not call ``on_train_epoch_start`` for the epoch it resumes inside (the epoch
+    had started before the checkpoint), so its bar shows ``Training: 19/?``; this one shows
+    ``Epoch 3: 19/1045`` as the uninterrupted run did at that batch.
+    """
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.fit_loop.restarted_mid_epoch:
+            self.on_train_epoch_start(trainer, pl_module)
+            self.train_progress_bar.n = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            self.train_progress_bar.refresh()
 
 
 # ============================================================================ checkpoint checks

@@ -194,11 +194,14 @@ class ResumableDataLoader(DataLoader):
             raise TypeError("ResumableDataLoader needs a ResumableSampler as its sampler")
         self._batches_yielded = 0
         self._pass_index = 0  # the sampler pass the current iterator reads (0: no iterator yet)
+        self._batches_before_resume = 0  # batches of a resumed pass handed out before the checkpoint
 
     def __iter__(self):
         self._pass_index = self.sampler.passes_started + 1  # type: ignore[attr-defined]
         iterator = super().__iter__()  # now, as a DataLoader does: the base seed is drawn here
-        self._batches_yielded = 0
+        # a resumed pass counts the batches its checkpoint had handed out, so that a second
+        # checkpoint in the same pass skips those too
+        self._batches_yielded, self._batches_before_resume = self._batches_before_resume, 0
         return self._counted(iterator)
 
     def _counted(self, iterator):
@@ -253,3 +256,4 @@ class ResumableDataLoader(DataLoader):
             )
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
         sampler.resume_at(state["generator_state"], state["sampler_state"], state["skip_indices"])
+        self._batches_before_resume = 0 if state["pass_finished"] else int(state["batches_yielded"])

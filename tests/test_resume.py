@@ -298,6 +298,149 @@ def test_loader_state_resumes_the_permutation_mid_epoch(tmp_path):
     assert [b[1].tolist() for b in again] == [b[1].tolist() for b in loader]
 
 
+def _fmnist_loaders(folder, n_train):
+    """A maker of fresh Fashion-MNIST training loaders (batches of 8, seed 1) and the labels of
+    two uninterrupted passes of one of them."""
+    write_fake_fashion_mnist(folder, n_train=n_train, n_test=8)
+
+    def loader():
+        dm = FashionMNISTDataModule(str(folder), batch_size=8, download=False, seed=1)
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    reference = loader()
+    return loader, [b[1].tolist() for b in reference] + [b[1].tolist() for b in reference]
+
+
+def test_loader_state_resumes_twice_in_one_pass(tmp_path):
+    """Two interruptions in one pass: the second state counts the batches before the first
+    resume too (the resumed loader once counted only its own, and replayed trained batches)."""
+    loader, expected = _fmnist_loaders(tmp_path, n_train=48)
+    seen, state = [], None
+    for take in (2, 1, 2):  # 6 batches per pass: stop after batch 2, after batch 3, after batch 5
+        current = loader()
+        if state is not None:
+            current.load_state_dict(state)
+        it = iter(current)
+        seen += [next(it)[1].tolist() for _ in range(take)]
+        state = current.state_dict()
+    last = loader()
+    last.load_state_dict(state)
+    seen += [b[1].tolist() for b in last] + [b[1].tolist() for b in last]
+    assert seen == expected
+
+
+class _LoopRecorder(pl.Callback):
+    """What a run shows of its loops: epoch starts, every batch (epoch, index, step size, logging
+    step, inputs), every validation; each with the global step at which it happened."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.rows.append((trainer.global_step, "epoch start", trainer.current_epoch))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rows.append((trainer.global_step, "batch", trainer.current_epoch, batch_idx,
+                          trainer.optimizers[0].param_groups[0]["lr"],
+                          trainer.fit_loop.epoch_loop._batches_that_stepped, batch[0].tolist()))
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.rows.append((trainer.global_step, "validation", trainer.current_epoch))
+
+
+def _fit_with_schedule(model_dir, ckpt_path, max_steps):
+    """A char-LSTM fit with an epoch-wise step-size schedule, last.ckpt and a checkpoint every step."""
+    pl.seed_everything(11)
+    model = CharLSTM(hidden_size=32, embedding_dim=16)
+
+    def configure_optimizers():
+        opt = MSVAG(model.parameters(), lr=0.05, beta=0.9)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)}
+
+    model.configure_optimizers = configure_optimizers
+    recorder = _LoopRecorder()
+    trainer = pl.Trainer(
+        max_steps=max_steps, limit_train_batches=4, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+        accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=model_dir,
+        callbacks=[ExactResume(), recorder, ModelCheckpoint(dirpath=model_dir, save_last=True, save_top_k=0),
+                   ModelCheckpoint(dirpath=model_dir / "every", every_n_train_steps=1, save_top_k=-1,
+                                   filename="step{step}", auto_insert_metric_name=False)],
+    )
+    trainer.fit(model, datamodule=TolstoiDataModule(str(_TOLSTOI["dir"]), batch_size=4, seq_len=8),
+                ckpt_path=ckpt_path)
+    return trainer, model, recorder.rows
+
+
+@pytest.mark.parametrize("stops", ["stop3 stop8", "stop4 stop10", "stop1 stop2 stop3 stop5 stop6 stop9",
+                                   "saved2 saved3", "saved4 saved8", "stop4 saved8 stop12", "saved3 stop4 saved9"])
+def test_chain_of_interruptions_equals_the_uninterrupted_run(stops, tmp_path):
+    """A run cut several times (epochs of 4 batches, an epoch-wise schedule) equals one straight
+    run: the same epochs, batches, step sizes, logging steps, epoch-start hooks and validations,
+    the same loop counts at the end, bitwise the same weights. ``stopK``: the fit stops at
+    ``max_steps=K`` and the next resumes from its last.ckpt (written as the fit ends: Lightning
+    had counted the epoch finished); ``savedK``: the next resumes from the checkpoint Lightning
+    wrote after step K (at an epoch's last batch Lightning skipped the next epoch's start)."""
+    total = 14
+    straight_trainer, straight_model, straight_rows = _fit_with_schedule(tmp_path / "straight", None, total)
+    rows, ckpt = [], None
+    cuts = [(s.rstrip("0123456789"), int(s.lstrip("stopsaved"))) for s in stops.split()] + [("stop", total)]
+    for segment, (kind, step) in enumerate(cuts):
+        folder = tmp_path / f"segment{segment}"
+        trainer, model, segment_rows = _fit_with_schedule(folder, ckpt, step if kind == "stop" else step + 1)
+        if kind == "saved":  # what ran after the checkpoint is run again by the resumed fit
+            segment_rows = [row for row in segment_rows if row[0] < step]
+            ckpt = folder / "every" / f"step{step}.ckpt"
+        else:
+            ckpt = folder / "last.ckpt"
+        rows += segment_rows
+    # Lightning (2.5) does not run again the end-of-epoch validation that followed a checkpoint
+    # of an epoch's last batch (docs/long_runs.md): the one thing such a resume leaves out
+    skipped = {("validation", step) for kind, step in cuts if kind == "saved" and step % 4 == 0}
+    assert rows == [row for row in straight_rows if (row[1], row[0]) not in skipped]
+    assert trainer.current_epoch == straight_trainer.current_epoch
+    assert trainer.global_step == straight_trainer.global_step == total
+    assert (trainer.fit_loop.epoch_loop._batches_that_stepped
+            == straight_trainer.fit_loop.epoch_loop._batches_that_stepped)
+    _assert_bitwise(_final_state(model, trainer), _final_state(straight_model, straight_trainer))
+
+
+class _BarProbe(pl.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        bar = trainer.progress_bar_callback.train_progress_bar
+        self.seen.append((bar.desc, bar.n, bar.total))
+
+
+@pytest.mark.parametrize("split", [2, 4], ids=["mid-epoch", "epoch end"])
+def test_progress_bar_of_a_resumed_fit_shows_the_epoch_and_its_length(split, tmp_path):
+    """Lightning's own bar shows "Training: 2/?" after a mid-epoch resume (it skips the
+    resumed epoch's on_train_epoch_start); the command's bar shows "Epoch 0: 2/4"."""
+    from lightning_msvag.fault_tolerance import ResumedEpochProgressBar
+
+    def fit(folder, max_steps, ckpt_path=None):
+        pl.seed_everything(11)
+        probe = _BarProbe()
+        trainer = pl.Trainer(
+            max_steps=max_steps, limit_train_batches=4, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+            accelerator="cpu", devices=1, enable_model_summary=False, default_root_dir=tmp_path / folder,
+            callbacks=[ExactResume(), ResumedEpochProgressBar(), probe,
+                       ModelCheckpoint(dirpath=tmp_path / folder, save_last=True, save_top_k=0)])
+        trainer.fit(_with_msvag(CharLSTM(hidden_size=32, embedding_dim=16)),
+                    datamodule=TolstoiDataModule(str(_TOLSTOI["dir"]), batch_size=4, seq_len=8), ckpt_path=ckpt_path)
+        return probe.seen
+
+    straight = fit("straight", 6)
+    fit("cut", split)
+    resumed = fit("resumed", 6, tmp_path / "cut" / "last.ckpt")
+    assert straight[split][:2] == (f"Epoch {split // 4}: ", split % 4) and straight[split][2] is not None
+    assert resumed == straight[split:]
+
+
 # ---------------------------------------------------------------------------- DDP, through the command
 def _subprocess_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
@@ -607,15 +750,7 @@ def test_16_mixed_trains_every_problem_on_gpu(problem, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("when", ["before any iterator", "iterator made, nothing fetched"])
 def test_loader_state_before_the_first_batch_of_a_pass(when, tmp_path):
-    write_fake_fashion_mnist(tmp_path, n_train=40, n_test=8)
-
-    def loader():
-        dm = FashionMNISTDataModule(str(tmp_path), batch_size=8, download=False, seed=1)
-        dm.setup("fit")
-        return dm.train_dataloader()
-
-    reference = loader()
-    expected = [b[1].tolist() for b in reference] + [b[1].tolist() for b in reference]  # two epochs
+    loader, expected = _fmnist_loaders(tmp_path, n_train=40)
     original = loader()
     if when == "before any iterator":
         state = original.state_dict()
