@@ -393,6 +393,40 @@ def checkpoint_hyperparameters(path: "str | os.PathLike") -> Dict[str, Any]:
     return dict(found) if isinstance(found, dict) else {}
 
 
+#: Where version 0.1.0 installed the problem packages, and where they live now.
+LEGACY_CLASS_PREFIXES = {"models.": "lightning_msvag.models.", "datamodules.": "lightning_msvag.datamodules."}
+
+
+def legacy_class_path(class_path: str) -> Optional[str]:
+    """Today's import path of a 0.1.0 class path (``models.char_lstm.CharLSTM``), else None."""
+    for old, new in LEGACY_CLASS_PREFIXES.items():
+        if class_path.startswith(old):
+            return new + class_path[len(old):]
+    return None
+
+
+def upgrade_checkpoint(path: "str | os.PathLike", out: "str | os.PathLike | None" = None) -> Path:
+    """Write a copy of a version-0.1.0 checkpoint with today's class paths; return its path.
+
+    0.1.0 installed the problem packages as top-level ``models`` and ``datamodules``; its
+    checkpoints name the model and data classes so (``models.char_lstm.CharLSTM``), which no
+    longer import. The copy (``out``, default ``<name>-upgraded.ckpt`` beside it) names
+    ``lightning_msvag.models.…`` instead and is otherwise the same; the original is kept.
+    """
+    from ._io import atomic_open
+
+    source = Path(path)
+    target = Path(out) if out is not None else source.with_name(f"{source.stem}-upgraded{source.suffix}")
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+        saved = checkpoint.get(key)
+        if isinstance(saved, dict) and isinstance(saved.get("_class_path"), str):
+            saved["_class_path"] = legacy_class_path(saved["_class_path"]) or saved["_class_path"]
+    with atomic_open(target, "wb") as handle:
+        torch.save(checkpoint, handle)
+    return target
+
+
 def _read_checkpoint(path: Path) -> Dict[str, Any]:
     """The checkpoint at ``path`` memory-mapped (nothing read until used); ``{}`` if it cannot
     be read: an unreadable file is reported by the checks that load it."""

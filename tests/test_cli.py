@@ -609,6 +609,33 @@ def test_a_resume_keeps_the_checkpoints_model_or_says_why_not(tmp_path, tolstoi_
     assert torch.load(last, weights_only=True)["global_step"] == 2  # nothing trained
 
 
+def test_a_checkpoint_of_version_0_1_0_names_the_upgrade_and_the_upgraded_copy_resumes(tmp_path, tolstoi_dir, capsys):
+    """0.1.0 installed the problem packages as top-level `models`/`datamodules`: its checkpoints name
+    `models.char_rnn.CharLSTM`. Before: "is another problem's" (wrong). Now one line naming the
+    upgrade; the upgraded copy resumes, the module path of today's class counts as the same class."""
+    from lightning_msvag.fault_tolerance import upgrade_checkpoint
+
+    assert main(_tiny_fit(tmp_path, tolstoi_dir, 2)) == 0
+    last = tmp_path / "logs" / "tolstoi_char_rnn" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["hyper_parameters"]["_class_path"] = "models.char_rnn.CharLSTM"
+    checkpoint["datamodule_hyper_parameters"]["_class_path"] = "datamodules.tolstoi.TolstoiDataModule"
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    capsys.readouterr()
+    assert main(_tiny_fit(tmp_path, tolstoi_dir, 4, "--ckpt_path", str(old))) == 1
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert "written by lightning-msvag 0.1.0" in line and "upgrade_checkpoint" in line
+    upgraded = upgrade_checkpoint(old)
+    assert upgraded == tmp_path / "old-upgraded.ckpt" and old.is_file()
+    saved = torch.load(upgraded, weights_only=True)
+    assert saved["hyper_parameters"]["_class_path"] == "lightning_msvag.models.char_rnn.CharLSTM"
+    assert saved["datamodule_hyper_parameters"]["_class_path"] == "lightning_msvag.datamodules.tolstoi.TolstoiDataModule"
+    assert main(_tiny_fit(tmp_path, tolstoi_dir, 4, "--ckpt_path", str(upgraded))) == 0
+    resumed = tmp_path / "logs" / "tolstoi_char_rnn" / "version_1" / "checkpoints" / "last.ckpt"
+    assert torch.load(resumed, weights_only=True)["global_step"] == 4
+
+
 def test_a_checkpoint_that_is_not_there_is_refused_before_anything_is_written(tmp_path, tolstoi_dir, capsys):
     assert main(_tiny_fit(tmp_path, tolstoi_dir, 2, "--ckpt_path", str(tmp_path / "nothere.ckpt"))) == 1
     (line,) = _error_lines(capsys.readouterr().err)

@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
 from ..fault_tolerance import (
     RULE_SETTINGS,
     CheckpointError,
     checkpoint_hyperparameters,
     checkpoint_optimizer_classes,
     checkpoint_optimizer_settings,
+    legacy_class_path,
 )
 from .namespace import _class_label, _get, _import_class, _plain
 
@@ -26,7 +26,15 @@ def _refuse_another_model(config: Any, ckpt_path: Path) -> None:
     model = _get(config, "model")
     wanted_class = str(_get(model, "class_path", ""))
     saved_class = str(saved.pop("_class_path", "") or "")
-    if saved_class and wanted_class and saved_class != wanted_class:
+    if legacy_class_path(saved_class):
+        raise CheckpointError(
+            f"checkpoint {ckpt_path} was written by lightning-msvag 0.1.0: it names {saved_class}, now "
+            f"{legacy_class_path(saved_class)}; python -c \"from lightning_msvag.fault_tolerance import "
+            f"upgrade_checkpoint; print(upgrade_checkpoint('{ckpt_path}'))\" writes a copy that resumes"
+        )
+    same_class = saved_class == wanted_class or (
+        _import_class(saved_class) is not None and _import_class(saved_class) is _import_class(wanted_class))
+    if saved_class and wanted_class and not same_class:
         raise CheckpointError(
             f"checkpoint {ckpt_path} is another problem's: it holds a {saved_class.rpartition('.')[2]} ({saved_class}), "
             f"this config trains {wanted_class}; use the config it was trained with, or no --ckpt_path"
