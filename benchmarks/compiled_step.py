@@ -4,7 +4,9 @@ For each layout of ``benchmarks/optimizer_step.py`` and each method of the table
 ``step()`` three ways on the same tensors (each on its own copy, fixed random gradients):
 
 * ``eager``: the method's default step (the fused CPU kernel; on CUDA the Triton kernel);
-* ``compiled``: ``torch.compile(step, fullgraph=True)`` — fullgraph, so no graph break is possible;
+* ``compiled``: ``torch.compile(step, fullgraph=True)`` — fullgraph, so no graph break is possible
+  (on CPU the step is then one custom operator running the eager kernel; ``--traced`` times the
+  update traced for inductor instead, the CUDA path);
 * ``Adam compiled``: ``torch.compile`` of ``torch.optim.Adam``'s default step (Adam graph-breaks
   by design around its step; fullgraph would refuse it).
 
@@ -14,7 +16,7 @@ over the rounds. After the timed rounds it reports how many graphs each compiled
 ``--whole-step`` times a whole training step of P1 and P4 (forward, backward, M-SVAG step):
 eager against ``torch.compile(model)`` + the compiled step::
 
-    python benchmarks/compiled_step.py [--sets wrn,100x89723,2000x1000,4x2.5m] [--rounds 7] [--device cuda]
+    python benchmarks/compiled_step.py [--sets wrn,100x89723,2000x1000,4x2.5m] [--rounds 7] [--device cuda] [--traced]
     python benchmarks/compiled_step.py --whole-step [--rounds 7]
 """
 
@@ -169,7 +171,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--whole-step", action="store_true", help="whole training steps of P1 and P4, eager vs compiled")
+    parser.add_argument("--traced", action="store_true",
+                        help="on CPU, trace the update for inductor instead of calling the eager step as one operator")
     args = parser.parse_args()
+    if args.traced:
+        from lightning_msvag import functional
+
+        functional.COMPILED_CPU_STEP_AS_OPERATOR = False
     if args.threads:
         torch.set_num_threads(args.threads)
     (whole_step if args.whole_step else layouts)(args)

@@ -200,6 +200,68 @@ class _CompiledOps:
     ema_ = staticmethod(lambda v, x, decay, w: v * decay + x * w)
 
 
+#: Inside ``torch.compile``, CPU groups step through :func:`_cpu_step_op` (the eager step as one
+#: operator); False traces the update for inductor as on CUDA (measured in benchmarks/compiled_step.py).
+COMPILED_CPU_STEP_AS_OPERATOR = True
+
+
+@torch.library.custom_op("lightning_msvag::cpu_step", mutates_args=("params", "exp_avgs", "exp_avg_sqs"),
+                         device_types="cpu")
+def _cpu_step_op(
+    params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+    steps: List[Tensor], batch_variances: List[Tensor], rule: str, lr: float,
+    lr_tensor: Optional[Tensor], beta: float, maximize: bool, tile_numel: int, foreach: Optional[bool],
+    fused: Optional[bool],
+) -> None:
+    """The eager CPU step of a group (the generated C++ kernel where it builds), as one operator
+    that ``torch.compile`` calls and does not trace (docs/algorithm.md §3): on CPU it is faster
+    than the update inductor generates from the same math, and bitwise the eager step. ``steps``
+    are the (already advanced) counters; ``exp_avgs``, ``exp_avg_sqs``: empty where the rule keeps
+    no such buffer; ``batch_variances``: σ̂² of each tensor, or empty;
+    ``rule``: the :class:`UpdateRule`'s fields, ``name=repr`` joined by ``;``;
+    ``foreach``/``fused``: the group's settings, resolved as the eager step resolves them."""
+    rule_ = _rule_from_string(rule)
+    if fused is None and foreach is None:
+        fused = _fused_unsupported(params) is None and _cpu_kernel.available()
+    foreach, fused = (not fused) if foreach is None else foreach, bool(fused)
+    none = [None] * len(params)
+    _run_step(params, grads, exp_avgs or none, exp_avg_sqs or none, [int(k) for k in steps], rule=rule_,
+              lr=float(lr_tensor) if lr_tensor is not None else lr, beta=beta, maximize=maximize,
+              foreach=foreach, fused=fused, tile_numel=tile_numel or None, batch_variances=batch_variances or None)
+
+
+@_cpu_step_op.register_fake
+def _cpu_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, batch_variances, rule, lr, lr_tensor, beta, maximize,
+                   tile_numel, foreach, fused) -> None:
+    return None
+
+
+def _rule_string(rule: UpdateRule) -> str:
+    return ";".join(f"{field}={getattr(rule, field)!r}" for field in UpdateRule.__dataclass_fields__)
+
+
+_RULES_BY_STRING: dict = {}
+
+
+def _rule_from_string(string: str) -> UpdateRule:
+    import ast
+
+    if string not in _RULES_BY_STRING:
+        fields = (item.split("=", 1) for item in string.split(";"))
+        _RULES_BY_STRING[string] = UpdateRule(**{k: ast.literal_eval(v) for k, v in fields})
+    return _RULES_BY_STRING[string]
+
+
+def _compiled_cpu_step(params, grads, exp_avgs, exp_avg_sqs, step_tensors, *, rule, lr, beta, maximize, tile_numel,
+                       foreach, fused, batch_variances=None) -> None:
+    """:func:`_cpu_step_op` from inside a compiled step."""
+    lr_tensor = lr if isinstance(lr, Tensor) else None
+    present = lambda buffers: [t for t in buffers if t is not None]  # noqa: E731  (a rule keeps all or none)
+    _cpu_step_op(params, grads, present(exp_avgs), present(exp_avg_sqs), step_tensors, batch_variances or [],
+                 _rule_string(rule), 0.0 if lr_tensor is not None else float(lr), lr_tensor, float(beta),
+                 bool(maximize), int(tile_numel or 0), foreach, fused)
+
+
 def _compiled_update(params, grads, exp_avgs, exp_avg_sqs, step_tensors, *, rule, lr, beta, maximize,
                      batch_variances=None) -> None:
     """The update under ``torch.compile`` (docs/algorithm.md §3): the one :func:`~lightning_msvag.rule._update_math`

@@ -28,7 +28,8 @@ PATHS = {
     "multi": dict(foreach=True, fused=False),
     "fused": dict(fused=True),  # the C++ kernel with its fifth operand σ̂²
     "default": dict(),
-    "compiled": dict(),  # the default optimizer's step inside torch.compile(fullgraph=True)
+    "compiled": dict(),  # the default optimizer's step inside torch.compile(fullgraph=True): an operator on CPU
+    "compiled-traced": dict(),  # the same, the update traced for inductor (as on CUDA)
 }
 SHAPES = [(7,), (13, 17), (3, 4, 5), (1,)]
 
@@ -72,14 +73,16 @@ def test_minibatch_rules_match_numpy_oracle(method, path, maximize, dtype, rtol,
     assert opt.needs_batch_variance and opt.rule.variance == "minibatch"
     groups = [opt.param_groups[0]] * 2 + [opt.param_groups[1]] * 2
     oracles = [NumpyFamily(opt.rule, p.detach().double().numpy(), g["lr"], g["beta"]) for p, g in zip(params, groups)]
-    step = compiled_step(opt) if path == "compiled" else opt.step
+    if path == "compiled-traced":
+        monkeypatch.setattr(F, "COMPILED_CPU_STEP_AS_OPERATOR", False)
+    step = compiled_step(opt) if path.startswith("compiled") else opt.step
     for grads, variances in _stream(rng, SHAPES, 300):
         for p, g, s, oracle in zip(params, grads, variances, oracles):
             p.grad = torch.tensor(g, dtype=dtype)
             p.grad_batch_variance = torch.tensor(s, dtype=dtype)
             oracle.step(p.grad.double().numpy(), maximize=maximize, batch_variance=p.grad_batch_variance.double().numpy())
         step()
-    if path == "compiled":
+    if path.startswith("compiled"):
         assert step.graphs() == 1 and all(p.grad_batch_variance is None for p in params)  # used up, one graph
     if path in ("fused", "default"):
         assert calls and set(calls) == {opt.rule} and _cpu_kernel._broken is None

@@ -65,7 +65,8 @@ PATHS = {
     "cuda-fused": (dict(fused=True), None, None, "cuda"),  # the generated Triton kernel
     "cuda-default": (dict(), None, None, "cuda"),  # = cuda-fused where Triton runs
     # the step inside torch.compile(fullgraph=True): the default optimizer, its traced path
-    "compiled": (dict(), None, None, "cpu"),
+    "compiled": (dict(), None, None, "cpu"),  # on CPU: the eager step as one custom operator
+    "compiled-traced": (dict(), None, None, "cpu"),  # on CPU too: the update traced for inductor, as on CUDA
     "cuda-compiled": (dict(), None, None, "cuda"),
 }
 #: the plain reference path and the default path run in the quick suite; the others (which
@@ -86,7 +87,9 @@ def _use_path(opt, path, monkeypatch):
     opt._tile_numel = tile
     if grain is not None:
         monkeypatch.setattr(F, "KERNEL_GRAIN", grain)
-    return compiled_step(opt) if path.endswith("compiled") else opt.step
+    if path == "compiled-traced":
+        monkeypatch.setattr(F, "COMPILED_CPU_STEP_AS_OPERATOR", False)
+    return compiled_step(opt) if "compiled" in path else opt.step
 
 
 def compiled_step(opt):
@@ -181,7 +184,7 @@ def test_matches_numpy_transcription_of_spec(method, path, maximize, dtype, rtol
             p.grad = g_t.to(device)
             oracle.step(g_t.double().numpy(), maximize=maximize)  # the oracle sees the same (rounded) gradient
         step()
-    if path.endswith("compiled"):
+    if "compiled" in path:
         assert step.graphs() == 1  # one graph for every step: no recompilation as k grows
 
     for i, (p, oracle) in enumerate(zip(flat_params, oracles)):
@@ -228,6 +231,34 @@ def test_all_paths_agree_at_default_tile(method):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", [dict(), dict(foreach=True), dict(lr_tensor=True)], ids=["default", "foreach", "lr-tensor"])
+@pytest.mark.parametrize("method", list(CLASSES))
+def test_compiled_cpu_step_is_the_eager_step_bitwise(method, setting):
+    """On CPU the compiled step runs the eager step as one operator (docs/algorithm.md §3): the same
+    numbers bit for bit over 30 steps, whatever path the group's settings choose; one graph."""
+    torch.manual_seed(0)
+    shapes = [(CPU_TILE_NUMEL + 1000,), (10, 10), (3,)]
+    base = [torch.randn(s) for s in shapes]
+    setting = dict(setting)
+    lr = torch.tensor(0.01) if setting.pop("lr_tensor", False) else 0.01
+    results = []
+    for compiled in (False, True):
+        params = [torch.nn.Parameter(b.clone()) for b in base]
+        opt = CLASSES[method](params, lr=lr.clone() if isinstance(lr, torch.Tensor) else lr, **setting)
+        step = compiled_step(opt) if compiled else opt.step
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(30):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen) + 0.5
+            step()
+        if compiled:
+            assert step.graphs() == 1
+        results.append([p.detach().clone() for p in params] + [t.clone() for st in opt.state.values()
+                                                                for t in st.values()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_rho_reference_values():
