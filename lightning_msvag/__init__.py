@@ -9,7 +9,7 @@ from .optimizers import MSGD, MSSD, MSSDVA, MSVAG, SSD, SVAG, DissectedOptimizer
 from .registry import available_optimizers, build_optimizer
 from .rule import UpdateRule, bias_correction, variance_ratio
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str):
