@@ -195,6 +195,7 @@ class ResumableDataLoader(DataLoader):
         self._batches_yielded = 0
         self._pass_index = 0  # the sampler pass the current iterator reads (0: no iterator yet)
         self._batches_before_resume = 0  # batches of a resumed pass handed out before the checkpoint
+        self._loaded_state: Optional[dict] = None  # a loaded state no iterator has taken up yet
 
     def __iter__(self):
         self._pass_index = self.sampler.passes_started + 1  # type: ignore[attr-defined]
@@ -202,6 +203,7 @@ class ResumableDataLoader(DataLoader):
         # a resumed pass counts the batches its checkpoint had handed out, so that a second
         # checkpoint in the same pass skips those too
         self._batches_yielded, self._batches_before_resume = self._batches_before_resume, 0
+        self._loaded_state = None
         return self._counted(iterator)
 
     def _counted(self, iterator):
@@ -214,6 +216,8 @@ class ResumableDataLoader(DataLoader):
         return length if self.epoch_batches is None else min(length, int(self.epoch_batches))
 
     def state_dict(self) -> dict:
+        if self._loaded_state is not None:  # loaded, not yet resumed: the same position still
+            return {k: v.clone() if torch.is_tensor(v) else v for k, v in self._loaded_state.items()}
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
         # no iterator yet: resume like the start of the next pass
         finished = self._pass_index == 0 or self._batches_yielded >= self._pass_length()
@@ -257,3 +261,4 @@ class ResumableDataLoader(DataLoader):
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
         sampler.resume_at(state["generator_state"], state["sampler_state"], state["skip_indices"])
         self._batches_before_resume = 0 if state["pass_finished"] else int(state["batches_yielded"])
+        self._loaded_state = dict(state)
