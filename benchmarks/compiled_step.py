@@ -18,6 +18,7 @@ eager against ``torch.compile(model)`` + the compiled step::
 
     python benchmarks/compiled_step.py [--sets wrn,100x89723,2000x1000,4x2.5m] [--rounds 7] [--device cuda] [--traced]
     python benchmarks/compiled_step.py --whole-step [--rounds 7]
+    python benchmarks/compiled_step.py --fixed-cost [--rounds 31]   (the step without its update)
 """
 
 from __future__ import annotations
@@ -120,6 +121,37 @@ def layouts(args) -> None:
                   f"compiled/eager {vs_eager:.2f}  graphs {graphs()} (first call {compile_s:.1f} s)", flush=True)
 
 
+def fixed_cost(args) -> None:
+    """The cost of a step without its update (``functional._run_step`` a no-op): eager against
+    compiled, per layout, for M-SVAG: what the compiled call adds whatever the tensors' sizes."""
+    from lightning_msvag import functional
+
+    torch._dynamo.config.recompile_limit = 64
+    update = functional._run_step
+    print(f"M-SVAG step without its update; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"median over {args.rounds} rounds")
+    for key in args.sets.split(","):
+        label, make_shapes = LAYOUTS[key]
+        shapes = make_shapes()
+        eager = lm.MSVAG(_params(shapes, "cpu"), lr=1e-3)
+        traced = lm.MSVAG(_params(shapes, "cpu"), lr=1e-3)
+        compiled_step, _ = _compiled(traced.step, fullgraph=True)
+        functional._run_step = lambda *a, **k: None
+        try:
+            runs = {"eager": eager.step, "compiled": compiled_step}
+            for run in runs.values():
+                run(), run()
+            times = {name: [] for name in runs}
+            for r in range(args.rounds):
+                for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                    times[name].append(_timed(runs[name], lambda: None))
+        finally:
+            functional._run_step = update
+        ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        print(f"{label}: eager {ms['eager']:.3f} ms, compiled {ms['compiled']:.3f} ms "
+              f"(+{ms['compiled'] - ms['eager']:.3f} ms)", flush=True)
+
+
 def whole_step(args) -> None:
     from lightning_msvag.models import CharLSTM, TwoC2D
 
@@ -171,6 +203,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--whole-step", action="store_true", help="whole training steps of P1 and P4, eager vs compiled")
+    parser.add_argument("--fixed-cost", action="store_true",
+                        help="M-SVAG's step with its update switched off: what the compiled call itself costs")
     parser.add_argument("--traced", action="store_true",
                         help="on CPU, trace the update for inductor instead of calling the eager step as one operator")
     args = parser.parse_args()
@@ -180,7 +214,7 @@ def main() -> None:
         functional.COMPILED_CPU_STEP_AS_OPERATOR = False
     if args.threads:
         torch.set_num_threads(args.threads)
-    (whole_step if args.whole_step else layouts)(args)
+    (whole_step if args.whole_step else fixed_cost if args.fixed_cost else layouts)(args)
 
 
 if __name__ == "__main__":
