@@ -42,32 +42,10 @@ from torch.optim import Optimizer
 from . import batch_estimate
 from . import functional as F
 from .factors import dissected_factors, dissected_sign_factors
-from .functional import CPU_TILE_NUMEL, fused_path_available
+from .functional import CPU_TILE_NUMEL, _default_paths
 from .rule import UpdateRule
 
 __all__ = ["DissectedOptimizer", "MSGD", "MSSD", "MSVAG", "SVAG", "SSD", "MSSDVA"]
-
-
-def _default_paths(params: List[Tensor], foreach: Optional[bool], fused: Optional[bool], rule: UpdateRule):
-    """Resolve ``foreach=None`` / ``fused=None`` to the fastest path for these tensors.
-
-    CPU, every rule: fused, the generated C++ multi-tensor kernel (one pass over memory,
-    one call per group), unless it cannot be built here (no C++ compiler: one warning,
-    then multi-tensor). CUDA: fused, the generated Triton multi-tensor kernel (one launch
-    per group and dtype), unless Triton is missing (one warning, then multi-tensor).
-    Other devices: multi-tensor. An explicit ``foreach`` keeps ``fused=None`` off. Measured in
-    benchmarks/optimizer_step.py. (``fused=True`` with tensors the fused kernel cannot
-    step raises ``RuntimeError`` in the step, as torch's fused optimizers do.)
-    """
-    if fused is None and foreach is None:
-        # the common case at C speed: reading p.device per tensor costs ~0.3 µs × 2,000 tensors a step
-        device_types = ("cpu",) if all(map(F._IS_CPU, params)) else {p.device.type for p in params}
-        fused = F._fused_unsupported(params) is None and all(map(fused_path_available, device_types))
-        if not fused and "cuda" in device_types and not fused_path_available("cuda"):
-            F._warn_no_device_kernel()
-    if foreach is None:
-        foreach = not fused and not torch.jit.is_scripting()
-    return bool(foreach), bool(fused)
 
 
 class _RuleAttribute:

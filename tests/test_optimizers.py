@@ -17,8 +17,7 @@ import torch
 import lightning_msvag as lm
 from lightning_msvag import _cpu_kernel
 from lightning_msvag import functional as F
-from lightning_msvag.functional import CPU_TILE_NUMEL, variance_ratio
-from lightning_msvag.optimizers import _default_paths
+from lightning_msvag.functional import CPU_TILE_NUMEL, _default_paths, variance_ratio
 from tests.helpers.numpy_reference import NumpyFamily, rho, rho_reference_form, step_from_state
 
 from lightning_msvag.registry import METHODS
