@@ -173,6 +173,8 @@ class ExactResume(Callback):
     one epoch ahead of the data: ``current_epoch`` and the logged ``epoch`` off by one and a
     ``max_epochs`` run one epoch short. Such a checkpoint is written (and, when an earlier one is
     loaded, read) as the mid-epoch checkpoint it is (:func:`epoch_cut_short_counted_unfinished`).
+    Resumed from a checkpoint of an epoch's last batch, the next epoch starts as an epoch does
+    (counted, with its ``on_train_epoch_start`` hooks), which Lightning alone skips.
     """
 
     def __init__(self) -> None:

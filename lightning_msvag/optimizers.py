@@ -415,13 +415,16 @@ class DissectedOptimizer(Optimizer):
         return loss
 
     def _compiled_step(self, closure: Optional[Callable[[], float]] = None):
-        """:meth:`step` inside ``torch.compile`` (``fullgraph=True`` holds): the update of each tensor as
-        :func:`~lightning_msvag.functional._compiled_update` traces it, every scalar computed in the
-        graph from the tensor's own step counter, so nothing is read back to the host and a graph
-        serves every step (docs/algorithm.md §3). What needs a host read is refused when traced:
-        ``error_if_nonfinite=True`` and a GradScaler's fused protocol; a tensor ``lr`` is not
-        range-checked. A mini-batch estimate that no longer describes its gradient raises when the
-        step runs (``torch._assert_async``)."""
+        """:meth:`step` inside ``torch.compile`` (``fullgraph=True`` holds; docs/algorithm.md §3). The
+        step counters advance in the graph; a group of CPU tensors then steps through
+        :func:`~lightning_msvag.functional._compiled_cpu_step` (the eager step as one operator,
+        bitwise), any other group through :func:`~lightning_msvag.functional._compiled_update`, the
+        update traced with every scalar computed in the graph from the tensor's own step counter, so
+        nothing is read back to the host and one graph serves every step. Refused before any counter
+        moves: what needs a host read (``error_if_nonfinite=True``, a GradScaler's fused protocol),
+        sparse gradients, ``fused`` and ``foreach`` both set; a tensor ``lr`` is not range-checked. A
+        mini-batch estimate that no longer describes its gradient raises when the step runs
+        (``torch._assert_async``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -441,6 +444,8 @@ class DissectedOptimizer(Optimizer):
                                    "torch.compile cannot; check outside the compiled step")
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError(f"{name} does not support sparse gradients")
+            if group["fused"] and group["foreach"]:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")  # torch's wording, as step()
             if not isinstance(group["lr"], Tensor):
                 _check_hyperparameters(name, group["lr"], group["beta"])
             rule = self.rule_of(group)
@@ -753,7 +758,9 @@ def _check_hyperparameters(name: str, lr, beta) -> None:
     if isinstance(lr, Tensor):
         F._check_lr(lr)  # 1-element (torch's wording otherwise), a finite number >= 0 on CPU
         return
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+    # abs(lr) < inf is math.isfinite(lr) in a form torch.compile also traces for a float that
+    # changes between steps (a scheduler's: Dynamo makes it symbolic, math.isfinite it cannot take)
+    if not isinstance(lr, (int, float)) or not abs(lr) < math.inf or lr < 0:
         raise ValueError(f"{name}: invalid learning rate {lr!r} (need a finite number >= 0)")
     if not isinstance(beta, (int, float)) or not (0.0 <= beta < 1.0):
         raise ValueError(f"{name}: invalid beta {beta!r} (need 0 <= beta < 1)")

@@ -985,6 +985,51 @@ def test_refused_step_leaves_the_optimizer_unchanged(method, refusal):
     assert b not in opt.state and c not in opt.state and int(opt.state[a]["step"]) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["m-svag", "m-sgd"])
+def test_compiled_step_takes_a_float_step_size_that_changes(method):
+    """A scheduler writes a new float lr every epoch; the fullgraph compiled step takes it (it once
+    failed on the hyperparameter check: Dynamo makes a changing float symbolic, and math.isfinite
+    cannot take that) and steps the eager numbers (each new float recompiles: docs/algorithm.md §3
+    advises a tensor lr). The eager twin has a real StepLR; the compiled
+    one gets the same lr written by hand (Dynamo, fullgraph, refuses the wrapper a scheduler puts
+    around ``step``, torch's Adam's too)."""
+    torch.manual_seed(0)
+    eager_p, compiled_p = (torch.nn.Parameter(torch.ones(5)) for _ in range(2))
+    eager, compiled = CLASSES[method]([eager_p], lr=0.1), CLASSES[method]([compiled_p], lr=0.1)
+    schedule = torch.optim.lr_scheduler.StepLR(eager, 1, 0.5)
+    step = compiled_step(compiled)
+    for _ in range(5):
+        g = torch.randn(5)
+        eager_p.grad, compiled_p.grad = g.clone(), g.clone()
+        compiled.param_groups[0]["lr"] = eager.param_groups[0]["lr"]
+        eager.step(), step()
+        schedule.step()
+    assert eager.param_groups[0]["lr"] == 0.1 / 32
+    assert torch.equal(eager_p, compiled_p)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("refusal", [r for r in _refusals() if r[0] in ("fused-and-foreach", "beta", "lr-negative")],
+                         ids=lambda r: r[0])
+def test_refused_compiled_step_leaves_the_optimizer_unchanged(refusal):
+    """Inside torch.compile too, what the eager step refuses is refused before any counter moves
+    (the CPU operator would otherwise take fused and foreach both set without a word). Under
+    fullgraph Dynamo reports a refusal as its own error carrying the project's message."""
+    _, breaks, _, message = refusal
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = CLASSES["m-svag"]([dict(params=[a]), dict(params=[b])], lr=0.1)
+    step = compiled_step(opt)
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    step()
+    breaks(opt, b)
+    snapshot = _snapshot(opt, [a, b])
+    with pytest.raises(Exception, match=message):
+        step()
+    _assert_unchanged(opt, [a, b], snapshot)
+    assert int(opt.state[a]["step"]) == int(opt.state[b]["step"]) == 1
+
+
 @pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("method", list(CLASSES))
 def test_tensor_lr_gives_the_numbers_of_the_float(method, path):
